@@ -1,0 +1,92 @@
+"""The public detector contract.
+
+A detector takes a batch of tiles (normalised pixels, validity mask and the tile's windows) and
+returns, for each tile, the instances it found, in *global* pixel coordinates of the working grid
+(the tile's ``read`` window offset added), masks cropped to their boxes. Users bring their own
+models by writing a factory that returns an object with this shape and naming it
+``package.module:factory`` on the command line (``--detector``) or in the config
+(``detector: {factory: ..., options: {...}}``); the factory is called with ``options`` as keywords.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from geomask.errors import DetectorError
+from geomask.instances import Instance
+from geomask.tiling import Tile
+
+
+@dataclass(frozen=True)
+class TileImage:
+    """One tile ready for a detector.
+
+    Attributes:
+        tile: The tile (its ``read`` window gives the global offset of ``pixels``).
+        pixels: Float32 ``(bands, h, w)`` normalised to ``[0, 1]`` (0 where invalid).
+        valid: Bool ``(h, w)``; ``False`` on nodata. Instances never include invalid pixels.
+    """
+
+    tile: Tile
+    pixels: npt.NDArray[np.float32]
+    valid: npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class ModelHints:
+    """Settings a model was trained with, so users need not repeat them (all optional)."""
+
+    tile_size_px: int | None = None
+    gsd_m: float | None = None
+    bands: tuple[int, ...] | None = None
+    normalize_mode: str | None = None
+    percentiles: tuple[float, float] | None = None
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What the pipeline needs from a model.
+
+    Attributes:
+        name: Short identifier written into every output feature's provenance (``model`` field).
+        classes: Class names; an instance's ``class_id`` indexes this sequence.
+        hints: Training-time settings, or an empty :class:`ModelHints`.
+    """
+
+    name: str
+    classes: Sequence[str]
+    hints: ModelHints
+
+    def detect(self, batch: Sequence[TileImage]) -> list[list[Instance]]:
+        """Return the instances of each tile in ``batch``, in global working-grid pixels."""
+        ...
+
+
+DetectorFactory = Callable[..., Detector]
+
+
+def load_detector(factory: str, options: dict[str, Any] | None = None) -> Detector:
+    """Import ``package.module:callable`` and call it with ``options`` to build a detector."""
+    module_name, sep, attr = factory.partition(":")
+    if not sep or not module_name or not attr:
+        raise DetectorError(f"detector factory {factory!r} must look like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise DetectorError(f"cannot import detector module {module_name!r} ({err}); is it installed or on PYTHONPATH?") from None
+    func = getattr(module, attr, None)
+    if not callable(func):
+        raise DetectorError(f"{module_name!r} has no callable {attr!r}; check detector.factory")
+    try:
+        detector = func(**(options or {}))
+    except TypeError as err:
+        raise DetectorError(f"detector factory {factory} rejected its options {sorted(options or {})}: {err}") from None
+    if not isinstance(detector, Detector):
+        raise DetectorError(f"{factory} returned {type(detector).__name__}, which lacks name/classes/hints/detect()")
+    return detector

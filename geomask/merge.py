@@ -1,0 +1,174 @@
+"""Pure cross-tile merge: every object exactly once, whole.
+
+The rule (see DESIGN.md):
+
+1. Each tile has an *exclusive* window that no other tile reads. An instance whose box lies inside it
+   cannot have been seen by any other tile: it is final as it is (no comparison needed).
+2. Every other instance is a *border* instance. Border instances of different tiles are linked when
+   their masks overlap inside the zone both tiles read, measured as intersection over the smaller of
+   the two areas in that zone (IoS: a fragment is small relative to the whole). Instances of the same
+   tile are never linked directly: the detector said they are different objects, which keeps
+   touching neighbours apart.
+3. Each connected group is fused into one instance: inside each member tile's *core* the pixels come
+   from that tile's members (the tile that saw the most context around them); elsewhere the union of
+   members. Best score wins, and its class.
+
+Candidate pairs come from a shapely ``STRtree`` over boxes — never all pairs. Results do not depend on
+input order: groups are connected components and fusion is symmetric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import numpy as np
+import shapely
+from shapely import STRtree
+
+from geomask.instances import Instance
+from geomask.tiling import Tile, window_contains
+
+TileLookup = Mapping[int, Tile] | Sequence[Tile]
+
+
+def is_private(instance: Instance, tile: Tile) -> bool:
+    """Return whether no other tile can have seen any pixel of ``instance``."""
+    if tile.exclusive is None:
+        return False
+    return window_contains(tile.exclusive, *instance.bounds())
+
+
+def split_private(instances: Iterable[Instance], tiles: TileLookup) -> tuple[list[Instance], list[Instance]]:
+    """Split instances into ``(private, border)``; only border instances need merging."""
+    private: list[Instance] = []
+    border: list[Instance] = []
+    for inst in instances:
+        (private if is_private(inst, tiles[inst.tile_id]) else border).append(inst)
+    return private, border
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tuple[int, int, int, int] | None:
+    c0, r0 = max(a[0], b[0]), max(a[1], b[1])
+    c1, r1 = min(a[2], b[2]), min(a[3], b[3])
+    if c0 >= c1 or r0 >= r1:
+        return None
+    return c0, r0, c1, r1
+
+
+def _window_bounds(tile: Tile) -> tuple[int, int, int, int]:
+    w = tile.read
+    return (int(w.col_off), int(w.row_off), int(w.col_off + w.width), int(w.row_off + w.height))
+
+
+def _mask_area_in(inst: Instance, zone: tuple[int, int, int, int]) -> int:
+    c0, r0, c1, r1 = zone
+    return int(inst.mask[r0 - inst.row_off : r1 - inst.row_off, c0 - inst.col_off : c1 - inst.col_off].sum())
+
+
+def ios_in_shared_zone(a: Instance, b: Instance, tile_a: Tile, tile_b: Tile) -> float:
+    """Return intersection over the smaller area, both areas counted inside the zone both tiles read."""
+    shared = _overlap(_window_bounds(tile_a), _window_bounds(tile_b))
+    if shared is None:
+        return 0.0
+    za, zb = _overlap(a.bounds(), shared), _overlap(b.bounds(), shared)
+    if za is None or zb is None:
+        return 0.0
+    both = _overlap(za, zb)
+    if both is None:
+        return 0.0
+    c0, r0, c1, r1 = both
+    ma = a.mask[r0 - a.row_off : r1 - a.row_off, c0 - a.col_off : c1 - a.col_off]
+    mb = b.mask[r0 - b.row_off : r1 - b.row_off, c0 - b.col_off : c1 - b.col_off]
+    inter = int(np.count_nonzero(ma & mb))
+    if inter == 0:
+        return 0.0
+    smaller = min(_mask_area_in(a, za), _mask_area_in(b, zb))
+    return inter / smaller if smaller else 0.0
+
+
+def group_border_instances(border: Sequence[Instance], tiles: TileLookup, ios_threshold: float) -> list[list[int]]:
+    """Group border instances that are one object; return index groups (each sorted, list sorted)."""
+    if not border:
+        return []
+    boxes = shapely.box(*np.array([inst.bounds() for inst in border], dtype=np.float64).T)
+    tree = STRtree(boxes)
+    left, right = tree.query(boxes, predicate="intersects")
+    parent = list(range(len(border)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i, j in zip(left.tolist(), right.tolist(), strict=True):
+        if i >= j:
+            continue
+        a, b = border[i], border[j]
+        if a.tile_id == b.tile_id:
+            continue
+        if ios_in_shared_zone(a, b, tiles[a.tile_id], tiles[b.tile_id]) >= ios_threshold:
+            ri, rj = find(i), find(j)
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(border)):
+        groups.setdefault(find(i), []).append(i)
+    return sorted(groups.values())
+
+
+def fuse(members: Sequence[Instance], tiles: TileLookup) -> Instance:
+    """Fuse instances of one object seen by several tiles into one instance (``tile_id = -1``)."""
+    if len(members) == 1:
+        return members[0]
+    c0 = min(m.col_off for m in members)
+    r0 = min(m.row_off for m in members)
+    c1 = max(m.col_off + m.width for m in members)
+    r1 = max(m.row_off + m.height for m in members)
+    shape = (r1 - r0, c1 - c0)
+    union = np.zeros(shape, dtype=bool)
+    from_core = np.zeros(shape, dtype=bool)
+    covered = np.zeros(shape, dtype=bool)
+    for m in members:
+        mr, mc = m.row_off - r0, m.col_off - c0
+        union[mr : mr + m.height, mc : mc + m.width] |= m.mask
+        core = tiles[m.tile_id].core
+        zone = _overlap(
+            m.bounds(),
+            (int(core.col_off), int(core.row_off), int(core.col_off + core.width), int(core.row_off + core.height)),
+        )
+        cz = _overlap(
+            (c0, r0, c1, r1), (int(core.col_off), int(core.row_off), int(core.col_off + core.width), int(core.row_off + core.height))
+        )
+        if cz is not None:
+            covered[cz[1] - r0 : cz[3] - r0, cz[0] - c0 : cz[2] - c0] = True
+        if zone is not None:
+            zc0, zr0, zc1, zr1 = zone
+            from_core[zr0 - r0 : zr1 - r0, zc0 - c0 : zc1 - c0] |= m.mask[
+                zr0 - m.row_off : zr1 - m.row_off, zc0 - m.col_off : zc1 - m.col_off
+            ]
+    mask = from_core | (union & ~covered)
+    best = max(members, key=lambda m: (m.score, -m.class_id))
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:  # cannot happen for non-empty members, but never return an empty instance
+        return best
+    return Instance(
+        row_off=r0 + int(rows[0]),
+        col_off=c0 + int(cols[0]),
+        mask=np.ascontiguousarray(mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]),
+        score=best.score,
+        class_id=best.class_id,
+        tile_id=-1,
+    )
+
+
+def merge_border_instances(border: Sequence[Instance], tiles: TileLookup, ios_threshold: float) -> list[Instance]:
+    """Group and fuse border instances; returns one instance per object."""
+    return [fuse([border[i] for i in g], tiles) for g in group_border_instances(border, tiles, ios_threshold)]
+
+
+def merge_across_tiles(instances: Iterable[Instance], tiles: TileLookup, ios_threshold: float = 0.5) -> list[Instance]:
+    """Merge per-tile instances (``tile_id`` set) into one instance per object across the raster."""
+    private, border = split_private(instances, tiles)
+    return private + merge_border_instances(border, tiles, ios_threshold)

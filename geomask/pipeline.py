@@ -1,0 +1,261 @@
+"""The serial run of every step, without Dask: the reference the distributed path is checked against.
+
+raster → tiling → detect → merge → vectorize → export. The pieces are also what ``workflows`` runs
+inside Dask tasks, so the serial and distributed paths share every line that touches pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from geomask.config import Config, dump_config, merge_overrides
+from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
+from geomask.errors import DetectorError
+from geomask.export import check_writable, to_frame, write_frame, write_text_atomic
+from geomask.instances import Instance, from_mask
+from geomask.merge import merge_across_tiles
+from geomask.raster import Grid, NormStats, RasterInfo, RasterReader, compute_norm_stats, inspect_raster, resolve_bands, working_grid
+from geomask.tiling import Tile, plan_tiles
+from geomask.vectorize import Feature, sort_features, vectorize_instances
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_TILE_SIZE_PX = 512
+
+
+@dataclass(frozen=True)
+class RasterPlan:
+    """Everything needed to process one raster, computed once (small and picklable)."""
+
+    info: RasterInfo
+    grid: Grid
+    bands: list[int]
+    stats: NormStats
+    tiles: list[Tile]
+    config: Config  # resolved: no None left for tiling sizes
+
+    def reader(self) -> RasterReader:
+        return RasterReader(self.info, self.grid, self.bands, self.stats, self.config.raster.expand_gray)
+
+
+@dataclass
+class RunSummary:
+    """What a run did, for logs and the CLI's closing line."""
+
+    output: Path | None
+    n_tiles: int = 0
+    n_tiles_skipped: int = 0
+    n_instances: int = 0
+    n_features: int = 0
+    seconds: float = 0.0
+    run_id: str = ""
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+def build_detector(config: Config) -> Detector:
+    """Build the detector the config names (the bundled Mask R-CNN by default)."""
+    return load_detector(config.detector.factory, config.detector.options)
+
+
+def resolve_config(config: Config, hints: ModelHints) -> Config:
+    """Fill unset raster/tiling settings from the model's hints (what it was trained with)."""
+    updates: dict[str, object] = {}
+    if config.tiling.size_px is None:
+        updates["tiling.size_px"] = hints.tile_size_px or DEFAULT_TILE_SIZE_PX
+    if config.raster.gsd_m is None and hints.gsd_m is not None:
+        updates["raster.gsd_m"] = hints.gsd_m
+    if config.raster.bands is None and hints.bands is not None:
+        updates["raster.bands"] = list(hints.bands)
+    if config.raster.normalize.mode == "auto" and hints.normalize_mode is not None:
+        updates["raster.normalize.mode"] = hints.normalize_mode
+        if hints.percentiles is not None:
+            updates["raster.normalize.percentiles"] = list(hints.percentiles)
+    return merge_overrides(config, updates) if updates else config
+
+
+def plan_raster(path: str | Path, config: Config) -> RasterPlan:
+    """Inspect a raster, fix its working grid, normalisation and tiles (resolved ``config`` expected)."""
+    info = inspect_raster(path)
+    grid = working_grid(info, config.raster.gsd_m)
+    bands = resolve_bands(info, config.raster.bands)
+    norm = config.raster.normalize
+    stats = compute_norm_stats(info, grid, bands, norm.mode, norm.percentiles, norm.sample_windows, norm.sample_size_px)
+    size = config.tiling.size_px or DEFAULT_TILE_SIZE_PX
+    if config.tiling.overlap_px is not None:
+        overlap = config.tiling.overlap_px
+    elif config.tiling.overlap_m is not None:
+        overlap = max(1, round(config.tiling.overlap_m / grid.gsd_m))
+    else:
+        overlap = max(1, size // 8)
+    resolved = merge_overrides(config, {"tiling.size_px": size, "tiling.overlap_px": overlap, "tiling.overlap_m": None})
+    tiles = plan_tiles(grid.width, grid.height, size, overlap)
+    log.info(
+        "%s: %dx%d px (%.3f m), %d tiles of %d px, overlap %d px", info.path, grid.width, grid.height, grid.gsd_m, len(tiles), size, overlap
+    )
+    return RasterPlan(info, grid, bands, stats, tiles, resolved)
+
+
+def _batched(items: Sequence[T], n: int) -> Iterator[Sequence[T]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Produce ``items`` from a background thread, ``depth`` ahead, so reading overlaps inference."""
+    q: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+            q.put((False, None))
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
+            q.put((False, err))
+
+    thread = threading.Thread(target=work, daemon=True, name="geomask-prefetch")
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                if isinstance(item, BaseException):
+                    raise item
+                return
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+
+
+def read_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: int) -> Iterator[tuple[list[TileImage], int]]:
+    """Read tiles into batches of :class:`TileImage`, skipping tiles with no valid pixel.
+
+    Yields ``(batch, n_skipped_since_last)``.
+    """
+    batch: list[TileImage] = []
+    skipped = 0
+    for tile in tiles:
+        pixels, valid = reader.read(tile.read)
+        if not valid.any():
+            skipped += 1
+            continue
+        batch.append(TileImage(tile, pixels, valid))
+        if len(batch) == batch_size:
+            yield batch, skipped
+            batch, skipped = [], 0
+    if batch or skipped:
+        yield batch, skipped
+
+
+def clean_instances(image: TileImage, found: Iterable[Instance]) -> list[Instance]:
+    """Clip a detector's instances to the tile and its valid pixels, tag them with the tile, drop empties."""
+    win = image.tile.read
+    r0, c0 = int(win.row_off), int(win.col_off)
+    h, w = image.valid.shape
+    out = []
+    for inst in found:
+        rr0, cc0 = inst.row_off - r0, inst.col_off - c0
+        if rr0 < 0 or cc0 < 0 or rr0 + inst.height > h or cc0 + inst.width > w:
+            raise DetectorError(
+                f"detector returned an instance at rows {inst.row_off}..{inst.row_off + inst.height}, cols "
+                f"{inst.col_off}..{inst.col_off + inst.width}, outside tile {win}; instances must be in global pixels"
+            )
+        mask = inst.mask & image.valid[rr0 : rr0 + inst.height, cc0 : cc0 + inst.width]
+        if not mask.any():
+            continue
+        if mask.sum() != inst.mask.sum():
+            clipped = from_mask(mask, row_off=inst.row_off, col_off=inst.col_off, score=inst.score, class_id=inst.class_id)
+            if clipped is None:
+                continue
+            inst = clipped
+        out.append(Instance(inst.row_off, inst.col_off, inst.mask, inst.score, inst.class_id, image.tile.index))
+    return out
+
+
+def detect_tiles(plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int) -> tuple[list[Instance], int]:
+    """Read, detect and clean every tile in ``tiles``; return per-tile instances and the skipped count."""
+    found: list[Instance] = []
+    skipped = 0
+    with plan.reader() as reader:
+        for batch, n_skipped in prefetch(read_batches(reader, tiles, batch_size)):
+            skipped += n_skipped
+            if not batch:
+                continue
+            results = detector.detect(batch)
+            if len(results) != len(batch):
+                raise DetectorError(f"detector {detector.name} returned {len(results)} results for a batch of {len(batch)} tiles")
+            for image, insts in zip(batch, results, strict=True):
+                found.extend(clean_instances(image, insts))
+    return found, skipped
+
+
+def vectorize_plan(plan: RasterPlan, instances: Iterable[Instance]) -> list[Feature]:
+    """Vectorize merged instances of ``plan`` into map-coordinate features, in a stable order."""
+    v = plan.config.vectorize
+    feats = vectorize_instances(instances, plan.grid.transform, plan.info.crs, plan.grid.gsd_m, v.simplify_tolerance_m, v.min_area_m2)
+    return sort_features(feats)
+
+
+def predict_raster(path: str | Path, config: Config, detector: Detector) -> tuple[RasterPlan, list[Feature], RunSummary]:
+    """Run every step on one raster in this process; return the plan, features and a summary."""
+    t0 = time.perf_counter()
+    plan = plan_raster(path, resolve_config(config, detector.hints))
+    instances, skipped = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size)
+    merged = merge_across_tiles(instances, plan.tiles, plan.config.merge.ios_threshold)
+    feats = vectorize_plan(plan, merged)
+    summary = RunSummary(
+        output=None,
+        n_tiles=len(plan.tiles),
+        n_tiles_skipped=skipped,
+        n_instances=len(instances),
+        n_features=len(feats),
+        seconds=time.perf_counter() - t0,
+    )
+    return plan, feats, summary
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def config_sidecar(output: str | Path) -> Path:
+    """Return where the resolved config of an output is written (beside it)."""
+    out = Path(output)
+    return out.with_name(out.name + ".config.yaml")
+
+
+def write_output(
+    plan: RasterPlan,
+    feats: Sequence[Feature],
+    detector: Detector,
+    output: str | Path,
+    run_id: str,
+    source: str | None = None,
+) -> Path:
+    """Write features and the resolved config beside them (both atomically)."""
+    cfg = plan.config
+    frame = to_frame(feats, detector.classes, plan.info.crs, source or Path(plan.info.path).name, detector.name, run_id)
+    out = write_frame(frame, output, cfg.export.layer, cfg.export.geojson_crs)
+    write_text_atomic(config_sidecar(out), dump_config(cfg))
+    return out
+
+
+def run_serial(path: str | Path, output: str | Path, config: Config, detector: Detector | None = None) -> RunSummary:
+    """Predict one raster to one output file in this process (no Dask)."""
+    check_writable(output)
+    det = detector if detector is not None else build_detector(config)
+    plan, feats, summary = predict_raster(path, config, det)
+    summary.run_id = new_run_id()
+    summary.output = write_output(plan, feats, det, output, summary.run_id)
+    log.info("%s: %d objects from %d tiles in %.1f s", path, summary.n_features, summary.n_tiles, summary.seconds)
+    return summary

@@ -1,0 +1,311 @@
+"""Open, inspect and read rasters: windowed reads only, never the whole image in memory.
+
+Three grids matter here. The *source* grid is the file's own pixels. The *working* grid is the one
+tiles are planned on: the source grid resampled to a target ground sample distance (or identical to
+it). Map coordinates come from the working grid's affine transform, which covers exactly the same
+extent as the source, so polygons land where the source pixels are.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+from affine import Affine
+from pyproj import CRS, Geod, Transformer
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from geomask.errors import RasterContentError, RasterReadError
+
+FloatArray = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+
+_GEOD = Geod(ellps="WGS84")
+SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What geomask needs to know about an input raster (source grid)."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: CRS
+    transform: Affine
+    nodata: float | None
+    gsd_m: float
+
+    @property
+    def crs_wkt(self) -> str:
+        return str(self.crs.to_wkt())
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The working grid tiles are planned on: a possibly resampled view of the source grid."""
+
+    width: int
+    height: int
+    transform: Affine
+    scale_x: float  # source pixels per working pixel, along columns
+    scale_y: float  # source pixels per working pixel, along rows
+    gsd_m: float
+
+    @property
+    def resampled(self) -> bool:
+        return self.scale_x != 1.0 or self.scale_y != 1.0
+
+    def source_window(self, window: Window) -> Window:
+        """Return the source-grid window covering a working-grid window (fractional when resampled)."""
+        if not self.resampled:
+            return window
+        return Window(
+            window.col_off * self.scale_x,
+            window.row_off * self.scale_y,
+            window.width * self.scale_x,
+            window.height * self.scale_y,
+        )
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Per-band linear normalisation ``(x - low) / (high - low)`` clipped to ``[0, 1]``, fixed per raster."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+    mode: str
+
+    def apply(self, pixels: npt.NDArray[np.generic]) -> FloatArray:
+        out = pixels.astype(np.float32, copy=True)
+        if self.mode == "none":
+            return out
+        low = np.asarray(self.low, dtype=np.float32)[:, None, None]
+        span = np.asarray(self.high, dtype=np.float32)[:, None, None] - low
+        span[span <= 0] = 1.0
+        out -= low
+        out /= span
+        np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+
+def ground_sample_distance_m(crs: CRS, transform: Affine, width: int, height: int) -> float:
+    """Return the ground size of one pixel in metres, measured geodesically at the raster centre.
+
+    Geodesic measurement makes this right for geographic CRSs and for Web Mercator (whose nominal
+    metres are 1/cos(latitude) too large) alike.
+    """
+    cx, cy = width / 2.0, height / 2.0
+    pts = [transform * (cx, cy), transform * (cx + 1, cy), transform * (cx, cy + 1)]
+    to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+    (lon0, lat0), (lon1, lat1), (lon2, lat2) = (to_lonlat.transform(x, y) for x, y in pts)
+    _, _, dx = _GEOD.inv(lon0, lat0, lon1, lat1)
+    _, _, dy = _GEOD.inv(lon0, lat0, lon2, lat2)
+    return float(math.sqrt(abs(dx * dy)))
+
+
+def inspect_raster(path: str | Path) -> RasterInfo:
+    """Open ``path`` and check it can be processed; raise a one-line error naming the fix if not."""
+    p = str(path)
+    if not Path(p).exists() and "://" not in p:
+        raise RasterReadError(f"input {p!r} does not exist; check the path")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(p)
+    except RasterioIOError as err:
+        raise RasterReadError(f"{p} is not a readable raster ({_first_line(err)}); give a GeoTIFF or another GDAL raster") from None
+    with src:
+        if src.crs is None:
+            raise RasterContentError(
+                f"{p} has no CRS, so polygons cannot be placed on the map; assign one, e.g. `gdal_edit.py -a_srs EPSG:32633 {p}`"
+            )
+        if src.dtypes[0] not in SUPPORTED_DTYPES:
+            raise RasterContentError(f"{p} has pixel type {src.dtypes[0]}; convert it to one of {SUPPORTED_DTYPES}")
+        if src.transform.is_identity:
+            raise RasterContentError(f"{p} has no geotransform; georeference it before running geomask")
+        _probe_blocks(src, p)
+        crs = CRS.from_user_input(src.crs.to_wkt())
+        return RasterInfo(
+            path=p,
+            width=src.width,
+            height=src.height,
+            count=src.count,
+            dtype=src.dtypes[0],
+            crs=crs,
+            transform=src.transform,
+            nodata=src.nodata,
+            gsd_m=ground_sample_distance_m(crs, src.transform, src.width, src.height),
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _probe_blocks(src: rasterio.DatasetReader, path: str) -> None:
+    """Read the first and last pixel blocks so a truncated file fails now, before any work is done."""
+    try:
+        for row, col in ((0, 0), (src.height - 1, src.width - 1)):
+            src.read(1, window=Window(col, row, 1, 1))
+    except RasterioError as err:
+        raise RasterReadError(f"{path} is corrupt or truncated ({_first_line(err)}); re-export or re-download it") from None
+
+
+def working_grid(info: RasterInfo, gsd_m: float | None) -> Grid:
+    """Return the working grid at ``gsd_m`` metres per pixel (``None``: the native grid)."""
+    if gsd_m is None or math.isclose(gsd_m, info.gsd_m, rel_tol=0.02):
+        return Grid(info.width, info.height, info.transform, 1.0, 1.0, info.gsd_m)
+    factor = gsd_m / info.gsd_m
+    width = max(1, round(info.width / factor))
+    height = max(1, round(info.height / factor))
+    sx, sy = info.width / width, info.height / height
+    return Grid(width, height, info.transform * Affine.scale(sx, sy), sx, sy, info.gsd_m * math.sqrt(sx * sy))
+
+
+def resolve_bands(info: RasterInfo, bands: list[int] | None) -> list[int]:
+    """Return 1-based band indexes to read; default: the first three (or the only one)."""
+    if bands is None:
+        return list(range(1, min(info.count, 3) + 1))
+    bad = [b for b in bands if not 1 <= b <= info.count]
+    if bad:
+        raise RasterContentError(f"{info.path} has {info.count} band(s); raster.bands {bands} names {bad}; use 1..{info.count}")
+    return list(bands)
+
+
+class RasterReader:
+    """Windowed reader for one raster on one grid: normalised pixels plus a validity mask.
+
+    Keep one per worker and per raster; it holds the dataset open between reads.
+    """
+
+    def __init__(self, info: RasterInfo, grid: Grid, bands: list[int], stats: NormStats, expand_gray: bool = True):
+        self.info, self.grid, self.bands, self.stats = info, grid, bands, stats
+        self.expand_gray = expand_gray
+        self._src: rasterio.DatasetReader | None = None
+
+    def __enter__(self) -> RasterReader:
+        self._src = rasterio.open(self.info.path)
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+
+    def read_raw(self, window: Window) -> tuple[npt.NDArray[np.generic], BoolArray]:
+        """Read raw band values ``(bands, h, w)`` and validity ``(h, w)`` for a working-grid window."""
+        if self._src is None:
+            raise RuntimeError("RasterReader used outside its `with` block")
+        shape = (int(window.height), int(window.width))
+        src_window = self.grid.source_window(window)
+        try:
+            if self.grid.resampled:
+                raw = self._src.read(self.bands, window=src_window, out_shape=(len(self.bands), *shape), resampling=Resampling.bilinear)
+                mask = self._src.dataset_mask(window=src_window, out_shape=shape, resampling=Resampling.nearest)
+            else:
+                raw = self._src.read(self.bands, window=src_window)
+                mask = self._src.dataset_mask(window=src_window)
+        except RasterioError as err:
+            raise RasterReadError(f"{self.info.path}: cannot read window {window} ({_first_line(err)}); the file may be corrupt") from None
+        valid = mask > 0
+        if np.issubdtype(raw.dtype, np.floating):
+            valid &= np.isfinite(raw).all(axis=0)
+        return raw, valid
+
+    def read(self, window: Window) -> tuple[FloatArray, BoolArray]:
+        """Read normalised float32 pixels ``(bands, h, w)`` in ``[0, 1]`` and validity for a window."""
+        raw, valid = self.read_raw(window)
+        pixels = self.stats.apply(raw)
+        pixels[:, ~valid] = 0.0
+        if self.expand_gray and pixels.shape[0] == 1:
+            pixels = np.repeat(pixels, 3, axis=0)
+        return pixels, valid
+
+
+def _sample_windows(grid: Grid, n: int, size: int) -> list[Window]:
+    """Spread ``n`` windows of ``size`` pixels over the working grid on a regular lattice."""
+    side = max(1, math.ceil(math.sqrt(n)))
+    w, h = min(size, grid.width), min(size, grid.height)
+    wins = []
+    for i in range(side):
+        for j in range(side):
+            r = round((grid.height - h) * (i + 0.5) / side)
+            c = round((grid.width - w) * (j + 0.5) / side)
+            wins.append(Window(c, r, w, h))
+    return list(dict.fromkeys(wins))[:n] if len(wins) > n else wins
+
+
+def compute_norm_stats(
+    info: RasterInfo,
+    grid: Grid,
+    bands: list[int],
+    mode: str,
+    percentiles: tuple[float, float],
+    sample_windows: int,
+    sample_size_px: int,
+) -> NormStats:
+    """Compute the normalisation once per raster from sampled windows, ignoring nodata.
+
+    Raises :class:`RasterContentError` when the raster has no valid pixel at all.
+    """
+    if mode == "auto":
+        mode = "range" if info.dtype == "uint8" else "percentile"
+    identity = NormStats((0.0,) * len(bands), (1.0,) * len(bands), "none")
+    values: list[npt.NDArray[np.generic]] = []
+    with RasterReader(info, grid, bands, identity, expand_gray=False) as reader:
+        for win in _sample_windows(grid, sample_windows, sample_size_px):
+            raw, valid = reader.read_raw(win)
+            if valid.any():
+                values.append(raw[:, valid])
+        if not values and not _any_valid(reader, grid):
+            raise RasterContentError(f"{info.path} has no valid pixels (all nodata or masked); check the nodata value or the input")
+    if mode == "none":
+        return identity
+    if mode == "range":
+        if info.dtype.startswith(("uint", "int")):
+            tinfo = np.iinfo(np.dtype(info.dtype))
+            return NormStats((float(tinfo.min),) * len(bands), (float(tinfo.max),) * len(bands), "range")
+        mode = "percentile"  # float data has no intrinsic range
+    if not values:  # valid pixels exist but the lattice missed them: scan until some are found
+        values = [_first_valid_values(info, grid, bands)]
+    data = np.concatenate(values, axis=1).astype(np.float64)
+    lo = np.percentile(data, percentiles[0], axis=1)
+    hi = np.percentile(data, percentiles[1], axis=1)
+    return NormStats(tuple(float(v) for v in lo), tuple(float(v) for v in hi), "percentile")
+
+
+def _iter_blocks(grid: Grid, size: int = 1024) -> list[Window]:
+    return [
+        Window(c, r, min(size, grid.width - c), min(size, grid.height - r))
+        for r in range(0, grid.height, size)
+        for c in range(0, grid.width, size)
+    ]
+
+
+def _any_valid(reader: RasterReader, grid: Grid) -> bool:
+    for win in _iter_blocks(grid):
+        _, valid = reader.read_raw(win)
+        if valid.any():
+            return True
+    return False
+
+
+def _first_valid_values(info: RasterInfo, grid: Grid, bands: list[int]) -> npt.NDArray[np.generic]:
+    identity = NormStats((0.0,) * len(bands), (1.0,) * len(bands), "none")
+    with RasterReader(info, grid, bands, identity, expand_gray=False) as reader:
+        for win in _iter_blocks(grid):
+            raw, valid = reader.read_raw(win)
+            if valid.any():
+                return raw[:, valid]
+    raise RasterContentError(f"{info.path} has no valid pixels; check the nodata value or the input")

@@ -1,0 +1,9 @@
+"""One module per subcommand; ``ALL`` is what the CLI registers."""
+
+from __future__ import annotations
+
+import click
+
+from workflows.commands.predict import predict
+
+ALL: list[click.Command] = [predict]
