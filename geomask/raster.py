@@ -106,7 +106,7 @@ def ground_sample_distance_m(crs: CRS, transform: Affine, width: int, height: in
     metres are 1/cos(latitude) too large) alike.
     """
     cx, cy = width / 2.0, height / 2.0
-    pts = [transform * (cx, cy), transform * (cx + 1, cy), transform * (cx, cy + 1)]
+    pts = [transform @ (cx, cy), transform @ (cx + 1, cy), transform @ (cx, cy + 1)]
     to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
     (lon0, lat0), (lon1, lat1), (lon2, lat2) = (to_lonlat.transform(x, y) for x, y in pts)
     _, _, dx = _GEOD.inv(lon0, lat0, lon1, lat1)
@@ -170,7 +170,7 @@ def working_grid(info: RasterInfo, gsd_m: float | None) -> Grid:
     width = max(1, round(info.width / factor))
     height = max(1, round(info.height / factor))
     sx, sy = info.width / width, info.height / height
-    return Grid(width, height, info.transform * Affine.scale(sx, sy), sx, sy, info.gsd_m * math.sqrt(sx * sy))
+    return Grid(width, height, info.transform @ Affine.scale(sx, sy), sx, sy, info.gsd_m * math.sqrt(sx * sy))
 
 
 def resolve_bands(info: RasterInfo, bands: list[int] | None) -> list[int]:

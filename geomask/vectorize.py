@@ -2,7 +2,7 @@
 
 Polygons are traced on pixel *edges* in global pixel space (``rasterio.features.shapes``), optionally
 simplified there, and only then mapped through the working grid's affine transform. A pixel edge at
-column ``c`` lands exactly at ``transform * (c, r)``: no half-pixel shift, and rotated, south-up and
+column ``c`` lands exactly at ``transform @ (c, r)``: no half-pixel shift, and rotated, south-up and
 non-square-pixel transforms are handled by the same affine map.
 """
 

@@ -1,0 +1,194 @@
+"""The geomask checkpoint format: a state dict plus what is needed to use it, loaded as data only.
+
+A checkpoint is a plain ``dict`` of tensors, strings, numbers, lists and dicts, written with
+``torch.save`` and read with ``torch.load(weights_only=True)``: loading one never runs code, so a
+checkpoint from a stranger is as safe to open as an image. Layout (``FORMAT_VERSION`` 1)::
+
+    {"format": "geomask-checkpoint", "format_version": 1,
+     "arch": "resnet18_fpn", "classes": ["building"], "tile_size_px": 256, "gsd_m": 0.3,
+     "bands": [1, 2, 3], "normalize_mode": "auto", "percentiles": [2.0, 98.0],
+     "attribution": "...", "metrics": {"val_f1": 0.5}, "training": {...},
+     "state_dict": {...}, "train_state": {...} (optional: optimizer, iteration, for resuming)}
+
+Plain torchvision state dicts (e.g. the COCO weights) are read too, without metadata.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from geomask.detect.base import ModelHints
+from geomask.errors import WeightsError
+
+FORMAT = "geomask-checkpoint"
+FORMAT_VERSION = 1
+_CLS_KEY = "roi_heads.box_predictor.cls_score.weight"
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """Everything besides the weights that ``predict`` needs, plus provenance.
+
+    Attributes:
+        arch: Architecture name understood by :func:`geomask.detect.maskrcnn.build_model`.
+        classes: Class names, background excluded; ``class_id`` indexes this list.
+        tile_size_px: Tile (chip) size the model was trained on, working-grid pixels.
+        gsd_m: Ground sample distance of the training chips in metres, or ``None`` (native).
+        bands: 1-based band indexes in model order, or ``None`` (first three).
+        normalize_mode: Normalisation mode the training chips used (see ``raster.normalize.mode``).
+        percentiles: Percentiles for ``percentile`` normalisation.
+        attribution: Credit owed to the training data's authors; travels with every copy.
+        metrics: Validation metrics at the time of saving (e.g. ``val_f1``).
+        training: Free-form provenance (iterations, seconds, hardware, command line).
+    """
+
+    arch: str
+    classes: tuple[str, ...]
+    tile_size_px: int
+    gsd_m: float | None = None
+    bands: tuple[int, ...] | None = None
+    normalize_mode: str | None = "auto"
+    percentiles: tuple[float, float] | None = None
+    attribution: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def hints(self) -> ModelHints:
+        """Return the settings ``predict`` should default to for this model."""
+        return ModelHints(
+            tile_size_px=self.tile_size_px,
+            gsd_m=self.gsd_m,
+            bands=self.bands,
+            normalize_mode=self.normalize_mode,
+            percentiles=self.percentiles,
+        )
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: metadata (``None`` for a plain torchvision state dict) and weights."""
+
+    meta: CheckpointMeta | None
+    state_dict: dict[str, torch.Tensor]
+    train_state: dict[str, Any] | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        """Number of object classes the weights were trained for (background excluded), if known."""
+        weight = self.state_dict.get(_CLS_KEY)
+        return None if weight is None else int(weight.shape[0]) - 1
+
+
+def save_checkpoint(
+    path: str | Path,
+    meta: CheckpointMeta,
+    state_dict: dict[str, torch.Tensor],
+    train_state: dict[str, Any] | None = None,
+    half: bool = False,
+) -> Path:
+    """Write a checkpoint atomically (temp file + rename), so a killed run never leaves a torn file.
+
+    Args:
+        path: Destination ``.pt`` file.
+        meta: Metadata stored beside the weights.
+        state_dict: Model weights (moved to the CPU before writing).
+        train_state: Optional optimizer state and counters for resuming training.
+        half: Store floating-point weights as float16 (halves the file; used for the bundled model).
+    """
+    out = Path(path)
+    weights = {}
+    for key, value in state_dict.items():
+        tensor = value.detach().cpu()
+        if half and tensor.is_floating_point():
+            tensor = tensor.half()
+        weights[key] = tensor.contiguous()
+    data: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, **_meta_to_dict(meta), "state_dict": weights}
+    if train_state is not None:
+        data["train_state"] = train_state
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    try:
+        torch.save(data, tmp)
+        os.replace(tmp, out)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WeightsError(f"cannot write checkpoint {out} ({err.strerror or err}); check the directory exists and is writable") from None
+    return out
+
+
+def _meta_to_dict(meta: CheckpointMeta) -> dict[str, Any]:
+    data = asdict(meta)
+    for key in ("classes", "bands", "percentiles"):
+        if data[key] is not None:
+            data[key] = list(data[key])
+    return data
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a geomask checkpoint or a plain torchvision state dict, as data only.
+
+    Raises:
+        WeightsError: The file is missing, unreadable, holds pickled objects, or is not a checkpoint.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise WeightsError(f"weights file {str(p)!r} does not exist; give a checkpoint from `geomask train` or omit --weights for the bundled model")
+    try:
+        data = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"{p} holds pickled Python objects, which geomask refuses to load ({_first_line(err)}); save a plain state dict instead"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
+        raise WeightsError(f"{p} is not a readable PyTorch checkpoint ({_first_line(err)}); it may be truncated or not a .pt file") from None
+    return checkpoint_from_data(data, str(p))
+
+
+def checkpoint_from_data(data: object, source: str) -> Checkpoint:
+    """Interpret loaded data as a geomask checkpoint or a plain state dict (``source`` names it in errors)."""
+    if not isinstance(data, dict):
+        raise WeightsError(f"{source} holds a {type(data).__name__}, not a checkpoint; give a file written by `geomask train`")
+    if data.get("format") == FORMAT:
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise WeightsError(f"{source} has checkpoint format version {version!r}; this geomask reads up to {FORMAT_VERSION}, upgrade it")
+        state = data.get("state_dict")
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise WeightsError(f"{source} is a geomask checkpoint without a valid state_dict; it is corrupt, re-create it")
+        try:
+            meta = _meta_from_dict(data)
+        except (KeyError, TypeError, ValueError) as err:
+            raise WeightsError(f"{source} has invalid checkpoint metadata ({err}); re-create it with `geomask train`") from None
+        train_state = data.get("train_state")
+        return Checkpoint(meta, state, train_state if isinstance(train_state, dict) else None)
+    if data and all(isinstance(k, str) for k in data) and all(isinstance(v, torch.Tensor) for v in data.values()):
+        return Checkpoint(None, data)
+    raise WeightsError(f"{source} is neither a geomask checkpoint nor a state dict; give a file written by `geomask train`")
+
+
+def _meta_from_dict(data: dict[str, Any]) -> CheckpointMeta:
+    bands = data.get("bands")
+    percentiles = data.get("percentiles")
+    return CheckpointMeta(
+        arch=str(data["arch"]),
+        classes=tuple(str(c) for c in data["classes"]),
+        tile_size_px=int(data["tile_size_px"]),
+        gsd_m=None if data.get("gsd_m") is None else float(data["gsd_m"]),
+        bands=None if bands is None else tuple(int(b) for b in bands),
+        normalize_mode=data.get("normalize_mode"),
+        percentiles=None if percentiles is None else (float(percentiles[0]), float(percentiles[1])),
+        attribution=str(data.get("attribution", "")),
+        metrics={str(k): float(v) for k, v in dict(data.get("metrics") or {}).items()},
+        training=dict(data.get("training") or {}),
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
