@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import shapely
+from rasterio.windows import Window
 from shapely import STRtree
 
 from geomask.instances import Instance
@@ -172,3 +173,70 @@ def merge_across_tiles(instances: Iterable[Instance], tiles: TileLookup, ios_thr
     """Merge per-tile instances (``tile_id`` set) into one instance per object across the raster."""
     private, border = split_private(instances, tiles)
     return private + merge_border_instances(border, tiles, ios_threshold)
+
+
+def block_exclusive_window(tiles: Sequence[Tile], rows: range, cols: range) -> Window | None:
+    """Return the pixels that no tile outside a rectangular block of the tile grid reads.
+
+    A block is the tiles whose ``row`` is in ``rows`` and ``col`` in ``cols``. It generalises a tile's
+    ``exclusive`` window to many tiles: an instance whose box lies inside it cannot be linked to any
+    instance of a tile outside the block, so a group made only of such instances is final within the block.
+
+    Args:
+        tiles: Every tile of the raster's plan (their read windows, in working-grid pixels).
+        rows: Tile-grid rows of the block.
+        cols: Tile-grid columns of the block.
+
+    Returns:
+        The window in working-grid pixels, or ``None`` when every pixel of the block is also read outside it.
+    """
+    height = max(int(t.read.row_off + t.read.height) for t in tiles)
+    width = max(int(t.read.col_off + t.read.width) for t in tiles)
+    r0, r1, c0, c1 = 0, height, 0, width
+    # Tile starts and ends grow monotonically along each axis, so the tiles just outside the block bound it.
+    for t in tiles:
+        top, left = int(t.read.row_off), int(t.read.col_off)
+        bottom, right = top + int(t.read.height), left + int(t.read.width)
+        if t.row < rows.start:
+            r0 = max(r0, bottom)
+        elif t.row >= rows.stop:
+            r1 = min(r1, top)
+        if t.col < cols.start:
+            c0 = max(c0, right)
+        elif t.col >= cols.stop:
+            c1 = min(c1, left)
+    if r0 >= r1 or c0 >= c1:
+        return None
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def merge_block(
+    border: Sequence[Instance], tiles: TileLookup, exclusive: Window | None, ios_threshold: float
+) -> tuple[list[Instance], list[Instance]]:
+    """Merge the border instances of one block of tiles as far as the block alone can decide.
+
+    Groups are formed exactly as :func:`group_border_instances` forms them. A group whose members all lie
+    inside ``exclusive`` (see :func:`block_exclusive_window`) has no link to any tile outside the block,
+    so it is fused now. Any other group may continue outside: its members are returned unfused, to be
+    merged again with the open instances of the neighbouring blocks. Applying this from small blocks up
+    to one block covering the raster gives exactly :func:`merge_border_instances`, while each step only
+    sees the instances near one block's edges.
+
+    Args:
+        border: Border instances of the block's tiles (and open instances of its sub-blocks).
+        tiles: Lookup of every tile an instance names in ``tile_id``.
+        exclusive: Pixels no tile outside the block reads, or ``None`` (nothing can be closed).
+        ios_threshold: As in :func:`group_border_instances`.
+
+    Returns:
+        ``(finished, open)``: fused instances of closed groups, and members of open groups.
+    """
+    finished: list[Instance] = []
+    still_open: list[Instance] = []
+    for group in group_border_instances(border, tiles, ios_threshold):
+        members = [border[i] for i in group]
+        if exclusive is not None and all(window_contains(exclusive, *m.bounds()) for m in members):
+            finished.append(fuse(members, tiles))
+        else:
+            still_open.extend(members)
+    return finished, still_open

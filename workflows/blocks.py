@@ -1,0 +1,140 @@
+"""Pure planning of the distributed work on one raster: detect tasks and the merge tree above them.
+
+Detect tasks cover compact rectangles of the tile grid (level 0 blocks), so most objects are whole
+inside one task and the instances that leave it are few. Merge blocks group 2 × 2 blocks of the level
+below, up to one root block that covers the raster. Each merge step runs
+:func:`geomask.merge.merge_block` on the open instances of its children: groups wholly inside the
+block's exclusive window are final there, the rest travel one level up. So no step ever holds more than
+the instances near one block's edges, and the root only sees objects that cross the central lines.
+
+No Dask here: this module is tested on its own and replayed serially in tests to prove the tree gives
+exactly :func:`geomask.merge.merge_across_tiles`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from rasterio.windows import Window
+
+from geomask.instances import Instance
+from geomask.merge import block_exclusive_window, merge_block, split_private
+from geomask.tiling import Tile
+
+FAN_IN = 2  # children per axis of a merge block: 2 × 2 blocks of the level below
+
+
+@dataclass(frozen=True)
+class Block:
+    """A rectangle of the tile grid at one level of the merge tree.
+
+    Attributes:
+        level: 0 for detect tasks, then 1, 2, ... up to the root.
+        row: Block row at its level.
+        col: Block column at its level.
+        rows: Tile-grid rows it covers.
+        cols: Tile-grid columns it covers.
+    """
+
+    level: int
+    row: int
+    col: int
+    rows: range
+    cols: range
+
+    @property
+    def key(self) -> str:
+        """A short name, stable between runs (used for result files and task keys)."""
+        return f"L{self.level}-r{self.row}-c{self.col}"
+
+
+def task_shape(tiles_per_task: int) -> tuple[int, int]:
+    """Return ``(rows, cols)`` of tiles per detect task: the most square rectangle of at most that many tiles."""
+    rows = max(1, math.isqrt(tiles_per_task))
+    return rows, max(1, tiles_per_task // rows)
+
+
+class BlockTree:
+    """The detect tasks and merge blocks of one raster, from its tile plan.
+
+    Args:
+        tiles: The raster's tiles (row-major, as :func:`geomask.tiling.plan_tiles` returns them).
+        tiles_per_task: Upper bound on tiles per detect task (``dask.tiles_per_task``).
+    """
+
+    def __init__(self, tiles: Sequence[Tile], tiles_per_task: int):
+        self.tiles = list(tiles)
+        self.n_rows = max(t.row for t in self.tiles) + 1
+        self.n_cols = max(t.col for t in self.tiles) + 1
+        self.task_rows, self.task_cols = task_shape(tiles_per_task)
+        self.levels: list[list[Block]] = [self._level(0)]
+        while len(self.levels[-1]) > 1:
+            self.levels.append(self._level(len(self.levels)))
+
+    def _level(self, level: int) -> list[Block]:
+        span_r = self.task_rows * FAN_IN**level
+        span_c = self.task_cols * FAN_IN**level
+        return [
+            Block(level, i, j, range(r, min(r + span_r, self.n_rows)), range(c, min(c + span_c, self.n_cols)))
+            for i, r in enumerate(range(0, self.n_rows, span_r))
+            for j, c in enumerate(range(0, self.n_cols, span_c))
+        ]
+
+    @property
+    def tasks(self) -> list[Block]:
+        """Level-0 blocks: one detect task each."""
+        return self.levels[0]
+
+    @property
+    def root(self) -> Block:
+        return self.levels[-1][0]
+
+    def parent(self, block: Block) -> Block | None:
+        """Return the block one level up that contains ``block`` (``None`` for the root)."""
+        if block.level + 1 >= len(self.levels):
+            return None
+        n_cols_up = math.ceil(len(range(0, self.n_cols, self.task_cols * FAN_IN**block.level)) / FAN_IN)
+        return self.levels[block.level + 1][(block.row // FAN_IN) * n_cols_up + block.col // FAN_IN]
+
+    def children(self, block: Block) -> list[Block]:
+        """Return the blocks one level down inside ``block`` (none for a detect task)."""
+        if block.level == 0:
+            return []
+        return [b for b in self.levels[block.level - 1] if self.parent(b) == block]
+
+    def tile_indexes(self, block: Block) -> list[int]:
+        """Return the indexes of the tiles a block covers, in row-major order."""
+        return [t.index for t in self.tiles if t.row in block.rows and t.col in block.cols]
+
+    def exclusive(self, block: Block) -> Window | None:
+        """Return the pixels no tile outside ``block`` reads (see :func:`geomask.merge.block_exclusive_window`)."""
+        return block_exclusive_window(self.tiles, block.rows, block.cols)
+
+
+def merge_by_tree(instances: Iterable[Instance], tree: BlockTree, ios_threshold: float) -> list[Instance]:
+    """Run the whole merge tree serially: the reference the distributed run is checked against in tests.
+
+    Returns one instance per object, the same set :func:`geomask.merge.merge_across_tiles` returns.
+    """
+    tiles = tree.tiles
+    by_tile: dict[int, list[Instance]] = {}
+    for inst in instances:
+        by_tile.setdefault(inst.tile_id, []).append(inst)
+    done: list[Instance] = []
+    open_of: dict[Block, list[Instance]] = {}
+    for block in tree.tasks:
+        private, border = split_private([i for t in tree.tile_indexes(block) for i in by_tile.get(t, [])], tiles)
+        finished, still_open = merge_block(border, tiles, tree.exclusive(block), ios_threshold)
+        done += private + finished
+        open_of[block] = still_open
+    for level in tree.levels[1:]:
+        for block in level:
+            border = [i for child in tree.children(block) for i in open_of.pop(child)]
+            finished, still_open = merge_block(border, tiles, tree.exclusive(block), ios_threshold)
+            done += finished
+            open_of[block] = still_open
+    if any(open_of.values()):
+        raise AssertionError("the root block left instances open; its exclusive window must be the whole raster")
+    return done
