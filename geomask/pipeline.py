@@ -253,6 +253,7 @@ def write_output(
 def run_serial(path: str | Path, output: str | Path, config: Config, detector: Detector | None = None) -> RunSummary:
     """Predict one raster to one output file in this process (no Dask)."""
     check_writable(output)
+    inspect_raster(path)  # fail on bad input before the (slow) model load
     det = detector if detector is not None else build_detector(config)
     plan, feats, summary = predict_raster(path, config, det)
     summary.run_id = new_run_id()

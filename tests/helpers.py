@@ -26,8 +26,17 @@ def write_raster(
     if data.ndim == 2:
         data = data[None]
     with rasterio.open(
-        path, "w", driver="GTiff", width=data.shape[2], height=data.shape[1], count=data.shape[0],
-        dtype=data.dtype, crs=crs, transform=transform, nodata=nodata, **extra,
+        path,
+        "w",
+        driver="GTiff",
+        width=data.shape[2],
+        height=data.shape[1],
+        count=data.shape[0],
+        dtype=data.dtype,
+        crs=crs,
+        transform=transform,
+        nodata=nodata,
+        **extra,
     ) as dst:
         dst.write(data)
     return path

@@ -92,7 +92,8 @@ def test_output_coordinates_equal_truth_to_1e6_px(tmp_path: Path, crs: str, tran
         got.append(pix)
     for corners in expected.values():
         hit = [
-            g for g in got
+            g
+            for g in got
             if len(set(map(lambda p: (round(p[0]), round(p[1])), g))) == len(corners)
             and all(min(abs(px - cx) + abs(py - cy) for px, py in g) < 1e-6 for cx, cy in corners)
         ]

@@ -32,7 +32,7 @@ def test_cores_partition_and_reads_cover(width: int, height: int, size: int, dat
     assert (_fill((height, width), [t.read for t in tiles]) >= 1).all()
     for t in tiles:
         r, c = t.read, t.core
-        assert 0 <= r.col_off and r.col_off + r.width <= width and 0 <= r.row_off and r.row_off + r.height <= height
+        assert r.col_off >= 0 and r.col_off + r.width <= width and r.row_off >= 0 and r.row_off + r.height <= height
         assert r.width == min(size, width) and r.height == min(size, height)  # full-size tiles, no padding
         assert r.col_off <= c.col_off and c.col_off + c.width <= r.col_off + r.width
         assert r.row_off <= c.row_off and c.row_off + c.height <= r.row_off + r.height

@@ -20,8 +20,11 @@ log = logging.getLogger("geomask")
 
 
 def setup_logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO + 10 * (quiet - verbose)
-    logging.basicConfig(level=max(logging.DEBUG, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """Log geomask's own messages at INFO (-v: DEBUG, -q: WARNING); other libraries only from WARNING."""
+    level = max(logging.DEBUG, logging.INFO + 10 * (quiet - verbose))
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for name in ("geomask", "workflows"):
+        logging.getLogger(name).setLevel(level)
 
 
 def resolve_cli_config(config_path: str | None, overrides: dict[str, Any]) -> Config:
@@ -68,3 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def existing_path(value: str) -> Path:
     return Path(value)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Bad input: one line naming the cause and the fix, exit code 2, no traceback, no partial output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from geomask.testing import write_scene
+from tests.helpers import UTM_TRANSFORM, write_raster
+from workflows.cli import main
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+        raise SystemExit(0)
+    return int(exc.value.code or 0), capsys.readouterr().err
+
+
+def assert_clean_failure(code: int, err: str, needle: str, out_dir: Path) -> None:
+    assert code == 2, err
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert needle in lines[0], lines[0]
+    leftovers = [p.name for p in out_dir.iterdir() if p.name.startswith((".out", "out"))]
+    assert leftovers == [], leftovers
+
+
+@pytest.fixture
+def scene(tmp_path: Path) -> tuple[Path, Path]:
+    labels = np.zeros((200, 200), np.int32)
+    labels[50:100, 50:120] = 1
+    image, label_path = write_scene(tmp_path, labels, UTM_TRANSFORM, "EPSG:32633")
+    cfg = tmp_path / "truth.yaml"
+    cfg.write_text(yaml.safe_dump({"detector": {"factory": "geomask.testing:truth_detector", "options": {"labels": str(label_path)}}}))
+    return image, cfg
+
+
+def test_not_a_raster(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    bogus = tmp_path / "notes.tif"
+    bogus.write_text("this is not an image\n")
+    code, err = run_cli(["predict", str(bogus), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1]), "--serial"], capsys)
+    assert_clean_failure(code, err, "not a readable raster", tmp_path)
+
+
+def test_truncated_raster(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    data = np.random.default_rng(0).integers(0, 255, (3, 600, 600)).astype(np.uint8)
+    full = write_raster(tmp_path / "full.tif", data, tiled=True, blockxsize=256, blockysize=256)
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    code, err = run_cli(["predict", str(cut), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1]), "--serial"], capsys)
+    assert_clean_failure(code, err, "corrupt or truncated", tmp_path)
+
+
+def test_no_crs(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_raster(tmp_path / "nocrs.tif", np.ones((3, 64, 64), np.uint8), crs=None)
+    code, err = run_cli(["predict", str(path), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1]), "--serial"], capsys)
+    assert_clean_failure(code, err, "has no CRS", tmp_path)
+
+
+def test_all_nodata_image(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_raster(tmp_path / "empty.tif", np.zeros((3, 300, 300), np.uint8), nodata=0)
+    code, err = run_cli(["predict", str(path), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1]), "--serial"], capsys)
+    assert_clean_failure(code, err, "no valid pixels", tmp_path)
+
+
+def test_unknown_config_key(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "typo.yaml"
+    cfg.write_text("tiling:\n  sise_px: 256\n")
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "-c", str(cfg), "--serial"], capsys)
+    assert_clean_failure(code, err, "unknown key 'tiling.sise_px'", tmp_path)
+
+
+def test_overlap_not_less_than_size(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    args = [
+        "predict",
+        str(scene[0]),
+        "-o",
+        str(tmp_path / "out.gpkg"),
+        "-c",
+        str(scene[1]),
+        "--serial",
+        "--tile-size",
+        "128",
+        "--overlap",
+        "128",
+    ]
+    code, err = run_cli(args, capsys)
+    assert_clean_failure(code, err, "overlap_px (128) must be less than tiling.size_px (128)", tmp_path)
+
+
+def test_bad_config_value_type(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("merge:\n  ios_threshold: 2.0\n")
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "-c", str(cfg), "--serial"], capsys)
+    assert_clean_failure(code, err, "merge.ios_threshold", tmp_path)
+
+
+def test_unwritable_output_folder(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "missing" / "out.gpkg"
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(target), "-c", str(scene[1]), "--serial"], capsys)
+    assert_clean_failure(code, err, "does not exist; create it first", tmp_path)
+
+
+def test_unknown_output_extension(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(tmp_path / "out.xyz"), "-c", str(scene[1]), "--serial"], capsys)
+    assert_clean_failure(code, err, "cannot infer an output format from '.xyz'", tmp_path)
+
+
+def test_bad_detector_factory(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "--detector", "nosuch.module:build", "--serial"]
+    code, err = run_cli(args, capsys)
+    assert_clean_failure(code, err, "cannot import detector module 'nosuch.module'", tmp_path)
+
+
+def test_failure_mid_run_leaves_no_output(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "missing_labels.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"detector": {"factory": "geomask.testing:truth_detector", "options": {"labels": str(tmp_path / "gone.tif")}}})
+    )
+    with pytest.raises(Exception, match=r"gone\.tif"):  # a crash inside the detector, not a validated input
+        main(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "-c", str(cfg), "--serial"])
+    assert not (tmp_path / "out.gpkg").exists() and not (tmp_path / "out.gpkg.config.yaml").exists()
+
+
+def test_console_script_exit_code_is_2(tmp_path: Path) -> None:
+    bogus = tmp_path / "x.tif"
+    bogus.write_text("no")
+    exe = Path(sys.executable).with_name("geomask")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "workflows.cli"]
+    proc = subprocess.run(
+        [*cmd, "predict", str(bogus), "-o", str(tmp_path / "out.gpkg"), "--serial"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "not a readable raster" in proc.stderr
