@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from workflows.commands.evaluate import evaluate
 from workflows.commands.predict import predict
 
-ALL: list[click.Command] = [predict]
+ALL: list[click.Command] = [predict, evaluate]
