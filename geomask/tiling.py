@@ -91,7 +91,7 @@ def plan_tiles(width_px: int, height_px: int, size_px: int, overlap_px: int) -> 
         )
     row_spans = _axis_spans(height_px, size_px, overlap_px)
     col_spans = _axis_spans(width_px, size_px, overlap_px)
-    tiles = []
+    tiles: list[Tile] = []
     for i, rs in enumerate(row_spans):
         for j, cs in enumerate(col_spans):
             empty = rs.exclusive[0] >= rs.exclusive[1] or cs.exclusive[0] >= cs.exclusive[1]
@@ -110,4 +110,5 @@ def plan_tiles(width_px: int, height_px: int, size_px: int, overlap_px: int) -> 
 
 def window_contains(outer: Window, col0: int, row0: int, col1: int, row1: int) -> bool:
     """Return whether the pixel box ``[col0, col1) × [row0, row1)`` lies inside ``outer``."""
-    return outer.col_off <= col0 and outer.row_off <= row0 and col1 <= outer.col_off + outer.width and row1 <= outer.row_off + outer.height
+    c0, r0 = int(outer.col_off), int(outer.row_off)
+    return c0 <= col0 and r0 <= row0 and col1 <= c0 + int(outer.width) and row1 <= r0 + int(outer.height)
