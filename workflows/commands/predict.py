@@ -1,20 +1,35 @@
-"""``geomask predict``: images in, polygons out."""
+"""``geomask predict``: images in, polygons out, on Dask by default.
+
+Exit codes: 0 when every tile was processed; 2 for a usage, config or input error (nothing is done);
+3 when the job finished and wrote its outputs but some tiles failed for a data reason (they are listed
+in ``RUN_DIR/failures.jsonl``, or in the log without ``--run-dir``, and redone by the next run with the
+same ``--run-dir``).
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 import click
 
-from geomask.config import DEFAULT_DETECTOR
+from geomask.config import DEFAULT_DETECTOR, Config, merge_overrides
 from geomask.pipeline import run_serial
+from workflows.inputs import OutputLayout, expand_inputs, plan_outputs
 
 log = logging.getLogger("geomask")
+EXIT_FAILURES = 3
 
 
 @click.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, help="Output file (.gpkg .geojson .shp .parquet .fgb).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    help="Output file (.gpkg .geojson .shp .parquet .fgb), or a folder (existing, or ending with /) for one file per input.",
+)
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
 @click.option("--weights", help="Model checkpoint (.pt) for the built-in Mask R-CNN; default: the bundled model.")
 @click.option("--detector", help="Detector factory 'package.module:callable' (default: the built-in Mask R-CNN).")
@@ -23,6 +38,14 @@ log = logging.getLogger("geomask")
 @click.option("--batch-size", type=int, help="Tiles per detector call (detector.batch_size).")
 @click.option("--device", help="torch device for the built-in detector: auto, cpu, cuda, cuda:1.")
 @click.option("--serial", is_flag=True, help="Run in this process without Dask (the reference path).")
+@click.option("--scheduler", help="Address of a running Dask scheduler, e.g. tcp://head:8786 (dask.address); default: a local cluster.")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the local cluster (dask.n_workers).")
+@click.option("--tiles-per-task", type=click.IntRange(min=1), help="Tiles per Dask task (dask.tiles_per_task).")
+@click.option("--gpu/--no-gpu", default=None, help="Run inference tasks on workers that offer resources GPU=1 (dask.gpu).")
+@click.option("--run-dir", type=click.Path(file_okay=False), help="Folder that keeps finished tasks; re-run the same command to resume.")
+@click.option("--fresh", is_flag=True, help="Discard what --run-dir holds and start again.")
+@click.option("--format", "fmt", default="gpkg", show_default=True, help="File format of per-input outputs when -o is a folder.")
+@click.option("--progress-every", type=float, default=10.0, show_default=True, help="Seconds between progress lines.")
 def predict(
     inputs: tuple[str, ...],
     output: str,
@@ -34,14 +57,48 @@ def predict(
     batch_size: int | None,
     device: str | None,
     serial: bool,
+    scheduler: str | None,
+    workers: int | None,
+    tiles_per_task: int | None,
+    gpu: bool | None,
+    run_dir: str | None,
+    fresh: bool,
+    fmt: str,
+    progress_every: float,
 ) -> None:
-    """Detect objects in INPUTS (GeoTIFFs) and write georeferenced polygons to --output."""
+    """Detect objects in INPUTS (GeoTIFFs, globs, or .txt lists of them) and write georeferenced polygons to --output."""
     from workflows.cli import resolve_cli_config
 
     cfg = resolve_cli_config(
         config_path,
-        {"detector.factory": detector, "tiling.size_px": tile_size, "tiling.overlap_px": overlap, "detector.batch_size": batch_size},
+        {
+            "detector.factory": detector,
+            "tiling.size_px": tile_size,
+            "tiling.overlap_px": overlap,
+            "detector.batch_size": batch_size,
+            "dask.address": scheduler,
+            "dask.n_workers": workers,
+            "dask.tiles_per_task": tiles_per_task,
+            "dask.gpu": gpu,
+        },
     )
+    cfg = _with_detector_options(cfg, weights, device)
+    paths = expand_inputs(inputs)
+    layout = plan_outputs(output, paths, fmt)
+    if serial:
+        if scheduler or workers or run_dir or fresh:
+            raise click.UsageError("--serial runs in this process; drop --scheduler/--workers/--run-dir/--fresh")
+        if layout.per_input is None and len(paths) > 1:
+            raise click.UsageError("several inputs into one file need the Dask workflow; drop --serial or give a folder (-o out/)")
+        targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
+        for src, out in targets.items():
+            summary = run_serial(src, out, cfg)
+            click.echo(f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s -> {summary.output}")
+        return
+    _run_dask(cfg, paths, layout, run_dir, fresh, progress_every)
+
+
+def _with_detector_options(cfg: Config, weights: str | None, device: str | None) -> Config:
     options = dict(cfg.detector.options)
     if cfg.detector.factory == DEFAULT_DETECTOR:
         if weights is not None:
@@ -50,10 +107,28 @@ def predict(
             options["device"] = device
     elif weights is not None or device is not None:
         raise click.UsageError("--weights/--device apply to the built-in detector only; pass options to yours in the config")
-    from geomask.config import merge_overrides
+    return merge_overrides(cfg, {"detector.options": options})
 
-    cfg = merge_overrides(cfg, {"detector.options": options})
-    if len(inputs) != 1:
-        raise click.UsageError("several inputs need the Dask workflow; drop --serial")
-    summary = run_serial(inputs[0], output, cfg)
-    click.echo(f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s -> {summary.output}")
+
+def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str | None, fresh: bool, progress_every: float) -> None:
+    from workflows.cluster import connect
+    from workflows.job import run_job
+
+    root = logging.getLogger().getEffectiveLevel()
+    logging.getLogger("distributed").setLevel(max(root, logging.WARNING) if root > logging.DEBUG else root)  # -vv shows Dask's own log
+    with connect(cfg.dask) as client:
+        if client.dashboard_link and cfg.dask.dashboard:
+            click.echo(f"dashboard: {client.dashboard_link}", err=True)
+        summary = run_job(client, paths, layout, cfg, Path(run_dir) if run_dir else None, fresh, progress_every)
+    outputs = ", ".join(str(p) for p in summary.outputs) or "nothing"
+    click.echo(
+        f"{summary.n_objects} objects from {summary.n_tiles} tiles of {summary.n_inputs} input(s) in {summary.seconds:.1f} s "
+        f"({summary.tiles_per_s:.1f} tiles/s; {summary.tasks_computed} tasks computed, {summary.tasks_loaded} resumed), "
+        f"{summary.failed_tiles} failed tiles -> {outputs}"
+    )
+    if summary.failures:
+        ledger = f"{run_dir}/failures.jsonl" if run_dir else "the log above"
+        click.echo(f"geomask: {summary.failed_tiles} tile(s) failed (first: {summary.failures[0].error}); see {ledger}", err=True)
+        for failure in summary.failures if not run_dir else []:
+            log.warning("failed: %s %s tile %d (%s): %s", failure.source, failure.block, failure.tile, failure.stage, failure.error)
+        sys.exit(EXIT_FAILURES)

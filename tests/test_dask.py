@@ -1,0 +1,162 @@
+"""The Dask workflow on real local clusters (worker processes): same polygons as the serial path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from distributed import Client, LocalCluster
+
+from geomask.config import load_config, merge_overrides
+from geomask.errors import ConfigError
+from tests.test_dask_support import SLOW, make_inputs, polygons, serial_polygons, write_config
+from workflows.inputs import plan_outputs
+from workflows.job import JobSummary, run_job
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, Path]]:
+    return make_inputs(tmp_path_factory.mktemp("scenes"), n=2)
+
+
+@pytest.fixture(scope="module")
+def reference(scenes: list[tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory) -> list[list[tuple[object, ...]]]:
+    """Serial-path polygons of each scene: what every distributed run must reproduce."""
+    d = tmp_path_factory.mktemp("serial")
+    return [serial_polygons(image, write_config(d / f"{k}.yaml", labels), d / f"{k}.gpkg") for k, (image, labels) in enumerate(scenes)]
+
+
+def _cluster(n_workers: int) -> tuple[LocalCluster, Client]:
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    return cluster, Client(cluster)
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    cluster, c = _cluster(2)
+    with cluster, c:
+        yield c
+
+
+def _run(client: Client, image: Path, config: Path, out: Path, run_dir: Path | None = None, **overrides: object) -> JobSummary:
+    cfg = load_config(config)
+    if overrides:
+        cfg = merge_overrides(cfg, overrides)
+    return run_job(client, [image], plan_outputs(str(out), [image]), cfg, run_dir, progress_every_s=1.0)
+
+
+def test_one_and_two_workers_equal_serial(
+    client: Client, scenes: list[tuple[Path, Path]], reference: list[list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    image, labels = scenes[0]
+    config = write_config(tmp_path / "c.yaml", labels)
+    summary = _run(client, image, config, tmp_path / "two.gpkg")
+    assert summary.tasks_computed == summary.tasks_total == 16
+    assert summary.merges_computed > 0 and not summary.failures
+    assert summary.n_tiles == 49 and summary.n_objects == len(reference[0])
+    assert polygons(tmp_path / "two.gpkg") == reference[0]
+    cluster, one = _cluster(1)
+    with cluster, one:
+        _run(one, image, config, tmp_path / "one.gpkg")
+    assert polygons(tmp_path / "one.gpkg") == reference[0]
+
+
+@pytest.mark.parametrize("tiles_per_task", [1, 9])
+def test_task_size_does_not_change_polygons(
+    client: Client, scenes: list[tuple[Path, Path]], reference: list[list[tuple[object, ...]]], tmp_path: Path, tiles_per_task: int
+) -> None:
+    image, labels = scenes[0]
+    _run(client, image, write_config(tmp_path / "c.yaml", labels), tmp_path / "o.gpkg", **{"dask.tiles_per_task": tiles_per_task})
+    assert polygons(tmp_path / "o.gpkg") == reference[0]
+
+
+def test_many_inputs_to_a_folder_and_to_one_file(
+    client: Client, scenes: list[tuple[Path, Path]], reference: list[list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    # The truth detector knows one scene, so one folder run per scene checks each file against its reference.
+    images = [image for image, _ in scenes]
+    for k, (image, labels) in enumerate(scenes):
+        cfg = load_config(write_config(tmp_path / f"{k}.yaml", labels))
+        layout = plan_outputs(str(tmp_path / "folder") + "/", [image])
+        run_job(client, [image], layout, cfg)
+        assert polygons(tmp_path / "folder" / f"scene{k}.gpkg") == reference[k]
+    # One file with a `source` field: the same detector on both inputs (the truth of scene 0 applied to both).
+    cfg = load_config(write_config(tmp_path / "both.yaml", scenes[0][1]))
+    summary = run_job(client, images, plan_outputs(str(tmp_path / "both.gpkg"), images), cfg)
+    assert summary.n_inputs == 2 and summary.n_tiles == 98
+    assert polygons(tmp_path / "both.gpkg", source="scene0.tif") == reference[0]
+    assert len(polygons(tmp_path / "both.gpkg", source="scene1.tif")) > 0
+
+
+def test_worker_killed_mid_run_gives_the_same_output(
+    client: Client, scenes: list[tuple[Path, Path]], reference: list[list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    image, labels = scenes[0]
+    config = write_config(tmp_path / "slow.yaml", labels, SLOW, delay_s=0.12)
+    run_dir = tmp_path / "run"
+    pids_before = client.run(os.getpid)
+    result: dict[str, JobSummary] = {}
+    job = threading.Thread(target=lambda: result.update(s=_run(client, image, config, tmp_path / "o.gpkg", run_dir)))
+    job.start()
+    deadline = time.monotonic() + 60
+    while not list(run_dir.glob("results/*/L0-*.npz")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = sorted(pids_before.values())[0]
+    os.kill(victim, signal.SIGKILL)  # mid-run: both workers are busy with 0.24 s tasks
+    job.join(90)
+    assert not job.is_alive()
+    summary = result["s"]
+    assert not summary.failures
+    assert summary.tasks_computed == 16
+    assert polygons(tmp_path / "o.gpkg") == reference[0]
+    client.wait_for_workers(2, timeout=30)
+    assert victim not in client.run(os.getpid).values(), "the nanny restarted the killed worker"
+
+
+def test_data_failures_are_recorded_and_redone_on_resume(
+    client: Client, scenes: list[tuple[Path, Path]], reference: list[list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    image, labels = scenes[0]
+    flag = tmp_path / "broken"
+    flag.mkdir()
+    bad_tiles = [8, 40]  # two tiles in two different tasks (2 × 2 tiles each)
+    config = write_config(tmp_path / "c.yaml", labels, SLOW, fail_tiles=bad_tiles, fail_while=str(flag))
+    run_dir = tmp_path / "run"
+    first = _run(client, image, config, tmp_path / "o.gpkg", run_dir)
+    assert sorted(f.tile for f in first.failures) == bad_tiles
+    assert {f.stage for f in first.failures} == {"detect"}
+    assert first.failed_tiles == 2
+    ledger = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert sorted(e["tile"] for e in ledger) == bad_tiles and "unreadable garbage" in ledger[0]["error"]
+    assert polygons(tmp_path / "o.gpkg") != reference[0]  # written, but missing what the bad tiles held
+    flag.rmdir()
+    second = _run(client, image, config, tmp_path / "o.gpkg", run_dir)
+    assert not second.failures
+    assert (second.tasks_computed, second.tasks_loaded) == (2, 14)
+    assert polygons(tmp_path / "o.gpkg") == reference[0]
+    assert (run_dir / "failures.jsonl").read_text() == ""
+
+
+def test_resume_refuses_a_changed_config_or_model(client: Client, scenes: list[tuple[Path, Path]], tmp_path: Path) -> None:
+    image, labels = scenes[0]
+    config = write_config(tmp_path / "c.yaml", labels)
+    run_dir = tmp_path / "run"
+    _run(client, image, config, tmp_path / "o.gpkg", run_dir)
+    again = _run(client, image, config, tmp_path / "o.gpkg", run_dir)
+    assert (again.tasks_computed, again.tasks_loaded, again.merges_computed) == (0, 16, 0)
+    with pytest.raises(ConfigError, match=r"another config .*use a new --run-dir or add --fresh"):
+        _run(client, image, config, tmp_path / "o.gpkg", run_dir, **{"merge.ios_threshold": 0.3})
+    other_labels = scenes[1][1]
+    with pytest.raises(ConfigError, match=r"another model .*use a new --run-dir or add --fresh"):
+        _run(client, image, config, tmp_path / "o.gpkg", run_dir, **{"detector.options": {"labels": str(other_labels)}})
+    cfg = merge_overrides(load_config(config), {"merge.ios_threshold": 0.3})
+    fresh = run_job(client, [image], plan_outputs(str(tmp_path / "o.gpkg"), [image]), cfg, run_dir, fresh=True)
+    assert fresh.tasks_computed == 16

@@ -1,0 +1,103 @@
+"""Getting a Dask client: a local cluster sized to the machine, or an existing cluster by address.
+
+An existing cluster is used as it is: nothing is scaled, and the detector plugin this job registers is
+removed again at the end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
+
+from distributed import Client, LocalCluster
+
+from geomask.config import DaskConfig
+from geomask.errors import GeomaskError
+
+log = logging.getLogger(__name__)
+WAIT_FOR_WORKERS_S = 120.0
+
+
+class ClusterError(GeomaskError, OSError):
+    """The Dask cluster cannot be reached or cannot run the job."""
+
+
+def local_workers(cfg: DaskConfig) -> int:
+    """Return how many worker processes a local cluster gets: ``dask.n_workers``, else one per core(s).
+
+    On GPU (``dask.gpu``) without ``n_workers``: one worker, because every local worker would share one device.
+    """
+    if cfg.n_workers is not None:
+        return cfg.n_workers
+    if cfg.gpu:
+        return 1
+    return max(1, (os.cpu_count() or 1) // cfg.threads_per_worker)
+
+
+def _local_cluster(cfg: DaskConfig) -> LocalCluster:
+    resources = {"GPU": 1} if cfg.gpu else None
+    n = local_workers(cfg)
+    log.info("starting a local Dask cluster: %d worker process(es) x %d thread(s)", n, cfg.threads_per_worker)
+    return cast(
+        "LocalCluster",
+        cast(Any, LocalCluster)(
+            n_workers=n,
+            threads_per_worker=cfg.threads_per_worker,
+            processes=True,
+            memory_limit=cfg.memory_limit,
+            dashboard_address=":0",  # the scheduler's HTTP server runs anyway; a free port never collides
+            resources=resources,
+        ),
+    )
+
+
+def check_resources(client: Client, cfg: DaskConfig) -> None:
+    """Fail now, not after an endless wait, when GPU tasks are asked for and no worker offers a GPU."""
+    if not cfg.gpu:
+        return
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers):
+        raise ClusterError(
+            "dask.gpu is true but no worker offers resources GPU; start workers with `dask worker ADDRESS --resources GPU=1` "
+            "(see docs/cluster.md) or set dask.gpu: false"
+        )
+
+
+@contextmanager
+def connect(cfg: DaskConfig) -> Iterator[Client]:
+    """Yield a client of ``cfg.address``'s cluster, or of a new local cluster closed on exit."""
+    if cfg.address is None:
+        with _local_cluster(cfg) as cluster, cast(Client, cast(Any, Client)(cluster)) as client:
+            _log_dashboard(client, cfg.dashboard)
+            check_resources(client, cfg)
+            yield client
+        return
+    try:
+        client = cast(Client, cast(Any, Client)(cfg.address, timeout="20s"))
+    except (OSError, TimeoutError) as err:
+        raise ClusterError(
+            f"cannot reach the Dask scheduler at {cfg.address} ({err}); start one with `dask scheduler` or fix --scheduler"
+        ) from None
+    with client:
+        try:
+            client.wait_for_workers(1, timeout=WAIT_FOR_WORKERS_S)
+        except TimeoutError:
+            raise ClusterError(
+                f"no worker joined the scheduler at {cfg.address} within {WAIT_FOR_WORKERS_S:.0f} s; start one with `dask worker {cfg.address}`"
+            ) from None
+        _log_dashboard(client, cfg.dashboard)
+        check_resources(client, cfg)
+        yield client
+
+
+def _log_dashboard(client: Client, dashboard: bool) -> None:
+    n = len(client.scheduler_info(n_workers=-1)["workers"])
+    log.info("Dask scheduler %s with %d worker(s)", client.scheduler_info(n_workers=0)["address"], n)
+    link = client.dashboard_link
+    if link and dashboard:
+        hint = "" if importlib.util.find_spec("bokeh") else " (install bokeh>=3.1 to see it)"
+        log.info("dashboard: %s%s", link, hint)

@@ -1,0 +1,101 @@
+"""Many inputs per job: paths, glob patterns and ``.txt`` list files in; one output layout out."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from geomask.errors import ExportError, RasterReadError
+from geomask.export import DRIVERS, check_writable
+
+GLOB_CHARS = frozenset("*?[")
+
+
+def _expand_one(spec: str, base: Path | None = None) -> list[Path]:
+    text = spec if base is None or Path(spec).is_absolute() else str(base / spec)
+    if GLOB_CHARS & set(spec):
+        found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+        if not found:
+            raise RasterReadError(f"no file matches {spec!r}; check the pattern (quote it so the shell passes it on)")
+        return found
+    path = Path(text)
+    if not path.is_file():
+        raise RasterReadError(f"input {text!r} does not exist; check the path")
+    return [path]
+
+
+def expand_inputs(specs: Sequence[str]) -> list[Path]:
+    """Turn command-line inputs into raster paths, in order, without duplicates.
+
+    A ``.txt`` file is a list: one path or glob per line, relative to the list's folder; blank lines
+    and lines starting with ``#`` are skipped.
+    """
+    out: list[Path] = []
+    for spec in specs:
+        if spec.lower().endswith(".txt") and Path(spec).is_file():
+            listed = Path(spec)
+            for line in listed.read_text().splitlines():
+                entry = line.strip()
+                if entry and not entry.startswith("#"):
+                    out += _expand_one(entry, listed.parent)
+        else:
+            out += _expand_one(spec)
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where results go: one file per input (``per_input``) or one file with a ``source`` field (``combined``)."""
+
+    per_input: dict[Path, Path] | None
+    combined: Path | None
+
+    @property
+    def paths(self) -> list[Path]:
+        return list(self.per_input.values()) if self.per_input is not None else [self.combined] if self.combined else []
+
+
+def is_folder_output(output: str) -> bool:
+    """Return whether ``-o`` names a folder: it exists as one, or ends with a path separator."""
+    return output.endswith(("/", os.sep)) or Path(output).is_dir()
+
+
+def plan_outputs(output: str, inputs: Sequence[Path], fmt: str = "gpkg") -> OutputLayout:
+    """Decide output paths and check them before any work is done.
+
+    Args:
+        output: The ``-o`` value: a folder (exists, or ends with ``/``) or a file.
+        inputs: The expanded inputs.
+        fmt: Extension of the per-input files in folder mode (``gpkg``, ``geojson``, ``parquet``...).
+    """
+    if not is_folder_output(output):
+        check_writable(output)
+        return OutputLayout(None, Path(output))
+    suffix = "." + fmt.lower().lstrip(".")
+    if suffix not in DRIVERS:
+        raise ExportError(f"unknown output format {fmt!r}; use one of {sorted(s.lstrip('.') for s in DRIVERS)}")
+    folder = Path(output)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ExportError(f"cannot create output folder {folder} ({err.strerror}); choose another -o") from None
+    per_input: dict[Path, Path] = {}
+    by_name: dict[str, Path] = {}
+    for src in inputs:
+        name = src.stem + suffix
+        if name in by_name:
+            raise ExportError(f"inputs {by_name[name]} and {src} would both write {folder / name}; rename one or run them separately")
+        by_name[name] = src
+        per_input[src] = folder / name
+        check_writable(per_input[src])
+    return OutputLayout(per_input, None)

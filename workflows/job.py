@@ -1,0 +1,382 @@
+"""The distributed job: plan every input, run detect tasks, merge block by block, write the outputs.
+
+The driver holds a small event loop over Dask futures. Detect tasks are submitted a bounded number at a
+time (earlier inputs first); each result comes back to the driver, is stored in the run folder, and is
+handed to its merge block, which is submitted as soon as its last child is in. Merge tasks carry only
+the open instances of their children, so the largest merge step sees the objects near one block's
+edges, never a whole raster. An input is written as soon as every block of its tree has a result.
+
+Results already in the run folder are loaded instead of computed; a block's result is only stored
+when it and everything below it finished without failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import pandas as pd
+from distributed import Client, Future, as_completed
+
+from geomask.config import Config, dump_config
+from geomask.errors import ExportError
+from geomask.export import to_frame, write_frame, write_text_atomic
+from geomask.pipeline import RasterPlan, config_sidecar, new_run_id, plan_raster, resolve_config
+from geomask.vectorize import Feature, sort_features
+from workflows.blocks import Block, BlockTree
+from workflows.inputs import OutputLayout
+from workflows.store import Manifest, RunStore, config_hash, describe_inputs, model_hash
+from workflows.tasks import (
+    BlockResult,
+    DetectorInfo,
+    DetectorPlugin,
+    DetectTask,
+    Failure,
+    MergeTask,
+    describe_detector,
+    run_detect,
+    run_merge,
+)
+
+log = logging.getLogger(__name__)
+MERGE_PRIORITY = 1_000_000  # merges jump the queue: they free the driver's memory and finish inputs early
+
+
+@dataclass
+class JobSummary:
+    """What a job did, for the log, ``summary.json`` and the CLI's closing lines."""
+
+    outputs: list[Path]
+    run_id: str
+    n_inputs: int = 0
+    n_tiles: int = 0
+    n_tiles_skipped: int = 0
+    n_objects: int = 0
+    seconds: float = 0.0
+    tasks_total: int = 0
+    tasks_computed: int = 0
+    tasks_loaded: int = 0
+    merges_computed: int = 0
+    merges_loaded: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    failed_tiles: int = 0
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.n_tiles / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["outputs"] = [str(p) for p in self.outputs]
+        data["failures"] = len(self.failures)
+        data["tiles_per_s"] = round(self.tiles_per_s, 3)
+        return data
+
+
+class Progress:
+    """Periodic progress lines across the cluster: tiles done/total, objects, rate, ETA."""
+
+    def __init__(self, total_tiles: int, every_s: float):
+        self.total = total_tiles
+        self.done = 0
+        self.objects = 0
+        self.every_s = every_s
+        self.t0 = time.perf_counter()
+        self.computed = 0
+        self.last = self.t0
+
+    def add(self, tiles: int, objects: int, computed: bool) -> None:
+        self.done += tiles
+        self.objects += objects
+        if computed:
+            self.computed += tiles
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.log()
+
+    def log(self) -> None:
+        elapsed = time.perf_counter() - self.t0
+        rate = self.computed / elapsed if elapsed > 0 else 0.0
+        eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        log.info("tiles %d/%d (%.0f%%), %d objects, %.2f tiles/s, ETA %s", self.done, self.total, pct, self.objects, rate, eta)
+
+
+@dataclass
+class _Input:
+    """Driver-side state of one input raster."""
+
+    id: int
+    path: Path
+    plan: RasterPlan
+    task_plan: RasterPlan  # without the tile list: what tasks carry
+    tree: BlockTree
+    source: str
+    results: dict[Block, BlockResult] = field(default_factory=dict)
+    complete: dict[Block, bool] = field(default_factory=dict)
+    features: list[Feature] = field(default_factory=list)
+
+    @property
+    def n_blocks(self) -> int:
+        return sum(len(level) for level in self.tree.levels)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+class _Job:
+    def __init__(
+        self,
+        client: Client,
+        inputs: Sequence[Path],
+        layout: OutputLayout,
+        config: Config,
+        run_dir: Path | None,
+        fresh: bool,
+        progress_every_s: float,
+    ):
+        self.client = client
+        self.inputs = list(inputs)
+        self.layout = layout
+        self.config = config
+        self.run_dir = run_dir
+        self.fresh = fresh
+        self.progress_every_s = progress_every_s
+        self.run_id = new_run_id()
+        self.summary = JobSummary(outputs=[], run_id=self.run_id, n_inputs=len(self.inputs))
+        self.model_hash = model_hash(config.detector.factory, config.detector.options)
+        self.plugin_name = f"geomask-detector-{self.model_hash}-{self.run_id}"
+        self.retries = config.dask.retries
+        self.resources = {"GPU": 1} if config.dask.gpu else None
+        self.futures: dict[Future[BlockResult], tuple[_Input, Block]] = {}
+        self.queue: deque[tuple[_Input, Block]] = deque()
+        self.ac: Any = cast(Any, as_completed)()
+        self.seq = 0
+        self.frames: list[Any] = []
+        self.store: RunStore | None = None
+
+    # -- setup ------------------------------------------------------------------------------------
+
+    def _plan(self, info: DetectorInfo) -> list[_Input]:
+        cfg = resolve_config(self.config, info.hints)
+        futs = [
+            self.client.submit(plan_raster, str(p.resolve()), cfg, key=f"plan-{i}-{self.run_id}", retries=self.retries)
+            for i, p in enumerate(self.inputs)
+        ]
+        plans: list[RasterPlan] = cast(Any, self.client).gather(futs)
+        names = [Path(p.info.path).name for p in plans]
+        unique = len(set(names)) == len(names)
+        if self.layout.combined is not None and len({p.info.crs for p in plans}) > 1:
+            crss = sorted({p.info.crs.to_string() for p in plans})
+            raise ExportError(f"inputs are in different CRSs ({', '.join(crss)}); write one file per input with -o FOLDER/")
+        if self.run_dir is not None:
+            manifest = Manifest(describe_inputs(self.inputs), config_hash(cfg), info.name, self.model_hash)
+            self.store = RunStore(self.run_dir, manifest, self.fresh)
+        out = []
+        for i, (path, plan) in enumerate(zip(self.inputs, plans, strict=True)):
+            tree = BlockTree(plan.tiles, cfg.dask.tiles_per_task)
+            source = names[i] if unique else str(path)
+            out.append(_Input(i, path, plan, dataclasses.replace(plan, tiles=[]), tree, source))
+        return out
+
+    # -- submitting -------------------------------------------------------------------------------
+
+    def _submit_detect(self, inp: _Input, block: Block) -> None:
+        tiles = {i: inp.plan.tiles[i] for i in inp.tree.tile_indexes(block)}
+        task = DetectTask(inp.task_plan, block, tiles, inp.tree.exclusive(block), self.plugin_name)
+        self.seq += 1
+        fut = self.client.submit(
+            run_detect,
+            task,
+            key=f"detect-{inp.id}-{block.key}-{self.run_id}",
+            resources=self.resources,
+            retries=self.retries,
+            priority=-self.seq,
+        )
+        self.futures[fut] = (inp, block)
+        self.ac.add(fut)
+
+    def _submit_merge(self, inp: _Input, block: Block) -> None:
+        border = []
+        for child in inp.tree.children(block):
+            border += inp.results[child].open
+            inp.results[child].open = []  # handed on: the driver keeps no copy
+        tiles = {i.tile_id: inp.plan.tiles[i.tile_id] for i in border}
+        task = MergeTask(inp.task_plan, block, border, tiles, inp.tree.exclusive(block))
+        fut = self.client.submit(
+            run_merge, task, key=f"merge-{inp.id}-{block.key}-{self.run_id}", retries=self.retries, priority=MERGE_PRIORITY
+        )
+        self.futures[fut] = (inp, block)
+        self.ac.add(fut)
+
+    def _top_up(self, cap: int) -> None:
+        in_flight = sum(1 for _, b in self.futures.values() if b.level == 0)
+        while self.queue and in_flight < cap:
+            self._submit_detect(*self.queue.popleft())
+            in_flight += 1
+
+    # -- results ----------------------------------------------------------------------------------
+
+    def _deliver(self, inp: _Input, block: Block, result: BlockResult, computed: bool) -> None:
+        """Take in one block's result: store it, count it, and start the parent merge once its last child is in."""
+        children = inp.tree.children(block)
+        complete = not result.failures and all(inp.complete[c] for c in children)
+        inp.results[block] = result
+        inp.complete[block] = complete
+        inp.features += result.features
+        self.summary.failures += result.failures
+        if block.level == 0:
+            self.summary.n_tiles += result.n_tiles
+            self.summary.n_tiles_skipped += result.n_skipped
+            self.progress.add(result.n_tiles, len(result.features), computed)
+            if computed:
+                self.summary.tasks_computed += 1
+            else:
+                self.summary.tasks_loaded += 1
+        else:
+            self.progress.add(0, len(result.features), computed)
+            if computed:
+                self.summary.merges_computed += 1
+            else:
+                self.summary.merges_loaded += 1
+        if computed and complete and self.store is not None:
+            self.store.save(inp.id, block.key, result)
+        if computed:
+            parent = inp.tree.parent(block)
+            if parent is not None:
+                self._maybe_merge(inp, parent)
+            self._maybe_finish(inp)
+
+    def _maybe_merge(self, inp: _Input, block: Block) -> None:
+        if block not in inp.results and all(c in inp.results for c in inp.tree.children(block)):
+            self._submit_merge(inp, block)
+
+    def _maybe_finish(self, inp: _Input) -> None:
+        if len(inp.results) == inp.n_blocks:
+            self._finish_input(inp)
+
+    def _failed(self, inp: _Input, block: Block, err: BaseException) -> BlockResult:
+        reason = _one_line(err)
+        log.warning("%s %s failed after %d retries: %s", inp.path, block.key, self.retries, reason)
+        if block.level == 0:
+            tiles = inp.tree.tile_indexes(block)
+            return BlockResult(n_tiles=len(tiles), failures=[Failure(str(inp.path), block.key, t, "task", reason) for t in tiles])
+        return BlockResult(failures=[Failure(str(inp.path), block.key, -1, "merge", reason)])
+
+    def _finish_input(self, inp: _Input) -> None:
+        feats = sort_features(inp.features)
+        inp.features = []
+        inp.results.clear()
+        self.summary.n_objects += len(feats)
+        frame = to_frame(feats, self.info.classes, inp.plan.info.crs, inp.source, self.info.name, self.run_id)
+        if self.layout.per_input is not None:
+            out = self.layout.per_input[inp.path]
+            self._write(frame, out, inp.plan.config)
+            log.info("%s: %d objects -> %s", inp.path, len(feats), out)
+        else:
+            self.frames.append((frame, inp.plan.config))
+
+    def _write(self, frame: Any, out: Path, config: Config) -> None:
+        written = write_frame(frame, out, config.export.layer, config.export.geojson_crs)
+        write_text_atomic(config_sidecar(written), dump_config(config))
+        self.summary.outputs.append(written)
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> JobSummary:
+        t0 = time.perf_counter()
+        describe = self.client.submit(describe_detector, self.plugin_name, key=f"describe-{self.run_id}", retries=self.retries)
+        self.info: DetectorInfo = describe.result()
+        inputs = self._plan(self.info)
+        total_tiles = sum(len(inp.plan.tiles) for inp in inputs)
+        self.summary.tasks_total = sum(len(inp.tree.tasks) for inp in inputs)
+        self.progress = Progress(total_tiles, self.progress_every_s)
+        for inp in inputs:
+            self._start_input(inp)
+        n_threads = sum(w["nthreads"] for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
+        log.info(
+            "%d input(s), %d tiles in %d detect tasks (%d already in the run dir)",
+            len(inputs),
+            total_tiles,
+            self.summary.tasks_total,
+            self.summary.tasks_loaded,
+        )
+        cap = max(64, 8 * n_threads)
+        self._top_up(cap)
+        for fut in self.ac:
+            inp, block = self.futures.pop(fut)
+            try:
+                result = fut.result()
+            except Exception as err:  # noqa: BLE001 - recorded in the failure ledger, the job goes on
+                result = self._failed(inp, block, err)
+            fut.release()
+            self._deliver(inp, block, result, computed=True)
+            self._top_up(cap)
+        self.progress.log()
+        if self.layout.combined is not None:
+            frame = pd.concat([f for f, _ in self.frames], ignore_index=True) if self.frames else None
+            if frame is not None:
+                self._write(frame, self.layout.combined, self.frames[0][1])
+        self.summary.failed_tiles = len({(f.source, f.tile) for f in self.summary.failures if f.tile >= 0})
+        self.summary.seconds = time.perf_counter() - t0
+        if self.store is not None:
+            self.store.write_failures(self.summary.failures)
+            self.store.write_json("summary.json", self.summary.to_dict())
+        return self.summary
+
+    def _start_input(self, inp: _Input) -> None:
+        """Load what the run folder holds, queue the detect tasks that are missing, start ready merges."""
+        for level in inp.tree.levels:
+            for block in level:
+                stored = self.store.load(inp.id, block.key) if self.store is not None else None
+                if stored is not None:
+                    self._deliver(inp, block, stored, computed=False)
+                elif block.level == 0:
+                    self.queue.append((inp, block))
+        for level in inp.tree.levels[1:]:  # merges whose children were all stored but which were not
+            for block in level:
+                self._maybe_merge(inp, block)
+        self._maybe_finish(inp)
+
+
+def run_job(
+    client: Client,
+    inputs: Sequence[Path],
+    layout: OutputLayout,
+    config: Config,
+    run_dir: Path | None = None,
+    fresh: bool = False,
+    progress_every_s: float = 10.0,
+) -> JobSummary:
+    """Run the whole job on ``client``'s cluster and write its outputs.
+
+    Args:
+        client: A connected Dask client (see :func:`workflows.cluster.connect`).
+        inputs: Raster paths, already expanded.
+        layout: Where outputs go (see :func:`workflows.inputs.plan_outputs`).
+        config: The validated config; ``config.dask`` decides tasks, retries and GPU resources.
+        run_dir: Folder for resumable results, or ``None`` to keep nothing.
+        fresh: Discard what ``run_dir`` holds instead of refusing a different job.
+        progress_every_s: Seconds between progress lines.
+
+    Returns:
+        The summary; failures are listed there (and in ``run_dir/failures.jsonl``), not raised.
+    """
+    job = _Job(client, inputs, layout, config, run_dir, fresh, progress_every_s)
+    client.register_plugin(DetectorPlugin(config.detector.factory, config.detector.options), name=job.plugin_name)
+    try:
+        return job.run()
+    finally:
+        try:
+            cast(Any, client).unregister_worker_plugin(job.plugin_name)
+        except Exception as err:  # noqa: BLE001 - leaving the plugin behind on a cluster is harmless
+            log.debug("could not unregister %s: %s", job.plugin_name, err)

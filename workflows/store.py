@@ -1,0 +1,243 @@
+"""The run folder (``--run-dir``): a manifest and one result file per finished task, for resume.
+
+Layout::
+
+    RUN_DIR/manifest.json                      inputs (path, size, mtime), config hash, model name and hash
+    RUN_DIR/results/<input>/<block>.npz        one per finished task (features as WKB, open instances bit-packed)
+    RUN_DIR/failures.jsonl                     the failure ledger of the last run (one JSON object per line)
+    RUN_DIR/summary.json                       counts of the last run (tasks computed and loaded, tiles, objects)
+
+Every file is written to a temporary name and renamed into place, so a job killed at any moment leaves
+either a whole result or none. A result is only written when it and everything below it in the merge
+tree finished without failure, so failed work is always redone on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import shapely
+from shapely.geometry import MultiPolygon
+
+from geomask.config import Config
+from geomask.errors import ConfigError, GeomaskError
+from geomask.instances import Instance
+from geomask.vectorize import Feature
+from workflows.tasks import BlockResult, Failure
+
+FORMAT_VERSION = 1
+
+
+class RunDirError(GeomaskError, OSError):
+    """The run folder cannot be used (unwritable, or made by a different job)."""
+
+
+def config_hash(config: Config) -> str:
+    """Hash the settings that change what tasks produce (not the cluster, the export format or the model).
+
+    The model is hashed separately (:func:`model_hash`) so the refusal message can say which one changed.
+    ``dask.tiles_per_task`` is included because it decides which tiles a stored result holds.
+    """
+    data = config.model_dump(mode="json")
+    data.pop("export")
+    data["dask"] = {"tiles_per_task": config.dask.tiles_per_task}
+    data["detector"] = {"batch_size": config.detector.batch_size}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_hash(factory: str, options: dict[str, Any]) -> str:
+    """Hash the detector factory, its options and the content of every file an option names (weights)."""
+    digest = hashlib.sha256(json.dumps({"factory": factory, "options": options}, sort_keys=True, default=str).encode())
+    for key in sorted(options):
+        value = options[key]
+        if isinstance(value, str | os.PathLike) and Path(value).is_file():
+            digest.update(_file_digest(Path(value)).encode())
+    return digest.hexdigest()[:16]
+
+
+def describe_inputs(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Return what identifies each input for the manifest: absolute path, size and modification time."""
+    out = []
+    for p in paths:
+        st = p.stat()
+        out.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return out
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _pack_features(feats: Sequence[Feature]) -> dict[str, npt.NDArray[Any]]:
+    wkb = [shapely.to_wkb(f.geometry) for f in feats]
+    return {
+        "f_wkb": np.frombuffer(b"".join(wkb), dtype=np.uint8),
+        "f_off": np.cumsum([0] + [len(b) for b in wkb], dtype=np.int64),
+        "f_class": np.array([f.class_id for f in feats], dtype=np.int64),
+        "f_num": np.array([(f.score, f.area_m2, f.perim_m) for f in feats], dtype=np.float64).reshape(-1, 3),
+    }
+
+
+def _unpack_features(z: Any) -> list[Feature]:
+    buf, off = z["f_wkb"].tobytes(), z["f_off"]
+    out = []
+    for k, (cls, num) in enumerate(zip(z["f_class"].tolist(), z["f_num"].tolist(), strict=True)):
+        geom = shapely.from_wkb(buf[off[k] : off[k + 1]])
+        out.append(Feature(geom if isinstance(geom, MultiPolygon) else MultiPolygon([geom]), int(cls), num[0], num[1], num[2]))
+    return out
+
+
+def _pack_instances(insts: Sequence[Instance]) -> dict[str, npt.NDArray[Any]]:
+    bits = [np.packbits(i.mask, axis=None) for i in insts]
+    return {
+        "i_int": np.array([(i.row_off, i.col_off, i.height, i.width, i.class_id, i.tile_id) for i in insts], dtype=np.int64).reshape(-1, 6),
+        "i_score": np.array([i.score for i in insts], dtype=np.float64),
+        "i_bits": np.concatenate(bits) if bits else np.zeros(0, dtype=np.uint8),
+        "i_off": np.cumsum([0] + [b.size for b in bits], dtype=np.int64),
+    }
+
+
+def _unpack_instances(z: Any) -> list[Instance]:
+    bits, off, scores = z["i_bits"], z["i_off"], z["i_score"].tolist()
+    out = []
+    for k, (row_off, col_off, height, width, class_id, tile_id) in enumerate(z["i_int"].tolist()):
+        flat = np.unpackbits(bits[off[k] : off[k + 1]], count=height * width).astype(bool)
+        out.append(Instance(row_off, col_off, flat.reshape(height, width), scores[k], class_id, tile_id))
+    return out
+
+
+def encode_result(result: BlockResult) -> bytes:
+    """Serialise a task result to ``.npz`` bytes: exact (float64, WKB) and free of pickle."""
+    meta = {k: v for k, v in asdict(result).items() if k not in ("features", "open")}
+    arrays: dict[str, Any] = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
+    arrays.update(_pack_features(result.features))
+    arrays.update(_pack_instances(result.open))
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode_result(data: bytes) -> BlockResult:
+    """Read back what :func:`encode_result` wrote."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes())
+        failures = [Failure(**f) for f in meta.pop("failures")]
+        return BlockResult(features=_unpack_features(z), open=_unpack_instances(z), failures=failures, **meta)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a run folder was made for; a re-run must match it to reuse the stored results."""
+
+    inputs: list[dict[str, Any]]
+    config_hash: str
+    model_name: str
+    model_hash: str
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FORMAT_VERSION, **asdict(self)}, indent=2)
+
+
+class RunStore:
+    """Persisted task results of one run folder.
+
+    Args:
+        root: The run folder (created when missing).
+        manifest: What this job is; compared with a stored manifest.
+        fresh: Discard stored results instead of refusing a different job.
+    """
+
+    def __init__(self, root: Path, manifest: Manifest, fresh: bool = False):
+        self.root = root
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"cannot create run dir {root} ({err.strerror}); choose another --run-dir") from None
+        stored_path = root / "manifest.json"
+        if fresh:
+            shutil.rmtree(root / "results", ignore_errors=True)
+            stored_path.unlink(missing_ok=True)
+        if stored_path.exists():
+            self._check(stored_path, manifest)
+        else:
+            _write_atomic(stored_path, manifest.to_json().encode())
+        (root / "results").mkdir(exist_ok=True)
+        for tmp in (root / "results").glob("*/.*.tmp"):  # left by a job killed mid-write
+            tmp.unlink(missing_ok=True)
+
+    def _check(self, stored_path: Path, manifest: Manifest) -> None:
+        try:
+            stored = json.loads(stored_path.read_text())
+        except (OSError, ValueError) as err:
+            raise RunDirError(f"cannot read {stored_path} ({err}); use a new --run-dir or add --fresh") from None
+        way_out = "use a new --run-dir or add --fresh to discard its results"
+        if stored.get("format") != FORMAT_VERSION:
+            raise RunDirError(f"run dir {self.root} was written by another geomask version; {way_out}")
+        if stored.get("model_hash") != manifest.model_hash:
+            raise ConfigError(
+                f"run dir {self.root} was made with another model ({stored.get('model_name')}, hash {stored.get('model_hash')}, "
+                f"now {manifest.model_name}, hash {manifest.model_hash}); {way_out}"
+            )
+        if stored.get("config_hash") != manifest.config_hash:
+            raise ConfigError(
+                f"run dir {self.root} was made with another config (hash {stored.get('config_hash')}, now {manifest.config_hash}); {way_out}"
+            )
+        if stored.get("inputs") != manifest.inputs:
+            raise ConfigError(f"run dir {self.root} was made for other inputs (or they changed on disk since); {way_out}")
+
+    def _path(self, input_id: int, block_key: str) -> Path:
+        return self.root / "results" / f"{input_id:05d}" / f"{block_key}.npz"
+
+    def load(self, input_id: int, block_key: str) -> BlockResult | None:
+        """Return the stored result of a block, or ``None`` when it has not finished."""
+        path = self._path(input_id, block_key)
+        try:
+            return decode_result(path.read_bytes())
+        except FileNotFoundError:
+            return None
+
+    def save(self, input_id: int, block_key: str, result: BlockResult) -> None:
+        """Store a finished block's result atomically."""
+        path = self._path(input_id, block_key)
+        path.parent.mkdir(exist_ok=True)
+        _write_atomic(path, encode_result(result))
+
+    def write_json(self, name: str, data: object) -> Path:
+        """Write a small JSON file (the last run's summary) into the run folder atomically."""
+        path = self.root / name
+        _write_atomic(path, json.dumps(data, indent=2).encode())
+        return path
+
+    def write_failures(self, failures: Iterable[Failure]) -> Path:
+        """Write the failure ledger of this run (``failures.jsonl``, empty when nothing failed)."""
+        path = self.root / "failures.jsonl"
+        _write_atomic(path, "".join(json.dumps(asdict(f)) + "\n" for f in failures).encode())
+        return path

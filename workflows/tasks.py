@@ -1,0 +1,246 @@
+"""What runs on the Dask workers: the detector plugin, detect tasks and merge tasks.
+
+Tasks carry small descriptions (the raster's plan without its tile list, the few tiles they touch, a
+window) and read their own pixels. The detector is built once per worker by :class:`DetectorPlugin` and
+looked up by name, so the model is never pickled into the graph. A detect task reads tiles in a
+background thread (:func:`geomask.pipeline.prefetch`), runs the detector batch by batch, and vectorises
+private instances in a second background thread while the next batch is inferred; it then merges its
+own border instances as far as its block allows. Only finished features and the few open border
+instances leave the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from distributed import WorkerPlugin, get_worker
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.windows import Window
+
+from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
+from geomask.errors import DetectorError, GeomaskError
+from geomask.instances import Instance
+from geomask.merge import merge_block, split_private
+from geomask.pipeline import RasterPlan, clean_instances, prefetch, vectorize_plan
+from geomask.raster import RasterReader
+from geomask.tiling import Tile
+from geomask.vectorize import Feature
+from workflows.blocks import Block
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One piece of work that did not produce a result, for the failure ledger.
+
+    Attributes:
+        source: Input raster path.
+        block: Block key (``L0-r1-c2`` for a detect task).
+        tile: Tile index, or ``-1`` when the whole task failed.
+        stage: ``read``, ``detect``, ``task`` (the task failed after its retries) or ``merge``.
+        error: One-line error message.
+    """
+
+    source: str
+    block: str
+    tile: int
+    stage: str
+    error: str
+
+
+@dataclass
+class BlockResult:
+    """What one detect or merge task hands back: small by construction.
+
+    Attributes:
+        features: Objects finished in this block, vectorised (map coordinates).
+        open: Border instances whose group may continue outside the block (cropped masks).
+        n_tiles: Tiles this block processed (0 for merge blocks).
+        n_skipped: Tiles without a valid pixel.
+        n_instances: Instances the detector returned, after clipping.
+        failures: Tiles (or the whole task) that failed for a data reason.
+        seconds: Time spent in the task.
+    """
+
+    features: list[Feature] = field(default_factory=list)
+    open: list[Instance] = field(default_factory=list)
+    n_tiles: int = 0
+    n_skipped: int = 0
+    n_instances: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class DetectorInfo:
+    """What the driver needs to know about the detector without building it (name, classes, hints)."""
+
+    name: str
+    classes: tuple[str, ...]
+    hints: ModelHints
+
+
+@dataclass(frozen=True)
+class DetectTask:
+    """A detect task: one rectangle of tiles of one raster.
+
+    Attributes:
+        plan: The raster's plan with an empty tile list (tiles travel in ``tiles``).
+        block: The level-0 block.
+        tiles: The block's tiles by index, in row-major order.
+        exclusive: Pixels no tile outside the block reads (``None``: every pixel is shared).
+        plugin: Name of the :class:`DetectorPlugin` holding the detector on each worker.
+    """
+
+    plan: RasterPlan
+    block: Block
+    tiles: dict[int, Tile]
+    exclusive: Window | None
+    plugin: str
+
+
+@dataclass(frozen=True)
+class MergeTask:
+    """A merge task: the open instances of a block's children, merged as far as the block allows."""
+
+    plan: RasterPlan
+    block: Block
+    border: list[Instance]
+    tiles: dict[int, Tile]
+    exclusive: Window | None
+
+
+class DetectorPlugin(WorkerPlugin):
+    """Build the detector once per worker, when the worker joins, from the config's factory and options.
+
+    Only the factory name and its options are pickled; the model lives on the worker. A lock serialises
+    calls because one worker may run several tasks in threads while the model (and a GPU) is one.
+    """
+
+    def __init__(self, factory: str, options: dict[str, Any]):
+        self.factory = factory
+        self.options = dict(options)
+        self.detector: Detector | None = None
+        self.lock: threading.Lock | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"factory": self.factory, "options": self.options, "detector": None, "lock": None}
+
+    def setup(self, worker: Any) -> None:
+        # Masks are traced in pixel space on purpose (see geomask.vectorize); rasterio's warning about it is noise.
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+        self.lock = threading.Lock()
+        self.detector = load_detector(self.factory, self.options)
+        log.info("worker %s: detector %s ready", getattr(worker, "address", "?"), self.detector.name)
+
+    def teardown(self, worker: Any) -> None:
+        self.detector = None
+
+
+def _plugin(name: str) -> DetectorPlugin:
+    plugin = get_worker().plugins.get(name)
+    if not isinstance(plugin, DetectorPlugin) or plugin.detector is None or plugin.lock is None:
+        raise RuntimeError(f"worker has no detector plugin {name!r}; it must be registered before tasks run")
+    return plugin
+
+
+def describe_detector(plugin_name: str) -> DetectorInfo:
+    """Return the worker's detector name, classes and hints (the driver never builds the model)."""
+    det = _plugin(plugin_name).detector
+    assert det is not None  # checked by _plugin
+    return DetectorInfo(det.name, tuple(det.classes), det.hints)
+
+
+@dataclass
+class _Read:
+    images: list[TileImage]
+    skipped: int
+    failures: list[tuple[int, str]]
+
+
+def _read_tiles(reader: RasterReader, tiles: Sequence[Tile], batch_size: int) -> Iterator[_Read]:
+    """Read tiles into batches like :func:`geomask.pipeline.read_batches`, isolating unreadable tiles."""
+    batch = _Read([], 0, [])
+    for tile in tiles:
+        try:
+            pixels, valid = reader.read(tile.read)
+        except GeomaskError as err:
+            batch.failures.append((tile.index, str(err)))
+            continue
+        if not valid.any():
+            batch.skipped += 1
+            continue
+        batch.images.append(TileImage(tile, pixels, valid))
+        if len(batch.images) == batch_size:
+            yield batch
+            batch = _Read([], 0, [])
+    if batch.images or batch.skipped or batch.failures:
+        yield batch
+
+
+def _detect(plugin: DetectorPlugin, images: list[TileImage], failures: list[tuple[int, str]]) -> list[tuple[TileImage, list[Instance]]]:
+    """Detect a batch; when the detector rejects it for a data reason, retry tile by tile to name the bad tiles."""
+    det, lock = plugin.detector, plugin.lock
+    assert det is not None and lock is not None
+    try:
+        with lock:
+            results = det.detect(images)
+        if len(results) != len(images):
+            raise DetectorError(f"detector {det.name} returned {len(results)} results for a batch of {len(images)} tiles")
+        return list(zip(images, results, strict=True))
+    except GeomaskError as err:
+        if len(images) == 1:
+            failures.append((images[0].tile.index, str(err)))
+            return []
+        return [pair for image in images for pair in _detect(plugin, [image], failures)]
+
+
+def run_detect(task: DetectTask) -> BlockResult:
+    """Read, detect, clean and vectorise one block of tiles; merge its border instances inside the block."""
+    t0 = time.perf_counter()
+    plugin = _plugin(task.plugin)
+    plan, tiles = task.plan, task.tiles
+    result = BlockResult(n_tiles=len(tiles))
+    border: list[Instance] = []
+    read_failures: list[tuple[int, str]] = []
+    detect_failures: list[tuple[int, str]] = []
+    vectorised: list[Future[list[Feature]]] = []
+    with plan.reader() as reader, ThreadPoolExecutor(1, thread_name_prefix="geomask-vectorize") as pool:
+        for batch in prefetch(_read_tiles(reader, list(tiles.values()), plan.config.detector.batch_size)):
+            result.n_skipped += batch.skipped
+            read_failures += batch.failures
+            for image, found in _detect(plugin, batch.images, detect_failures):
+                try:
+                    cleaned = clean_instances(image, found)
+                except GeomaskError as err:
+                    detect_failures.append((image.tile.index, str(err)))
+                    continue
+                result.n_instances += len(cleaned)
+                private, shared = split_private(cleaned, tiles)
+                border += shared
+                if private:  # vectorised while the next batch is read and inferred
+                    vectorised.append(pool.submit(vectorize_plan, plan, private))
+        finished, result.open = merge_block(border, tiles, task.exclusive, plan.config.merge.ios_threshold)
+        result.features = vectorize_plan(plan, finished)
+        for job in vectorised:
+            result.features += job.result()
+    source = plan.info.path
+    result.failures = [Failure(source, task.block.key, i, "read", e) for i, e in read_failures]
+    result.failures += [Failure(source, task.block.key, i, "detect", e) for i, e in detect_failures]
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def run_merge(task: MergeTask) -> BlockResult:
+    """Merge the open instances of a block's children; vectorise the groups that close here."""
+    t0 = time.perf_counter()
+    finished, still_open = merge_block(task.border, task.tiles, task.exclusive, task.plan.config.merge.ios_threshold)
+    return BlockResult(features=vectorize_plan(task.plan, finished), open=still_open, seconds=time.perf_counter() - t0)
