@@ -20,7 +20,7 @@ import pyogrio
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from synthetic import write_large_scene  # noqa: E402
+from synthetic import write_large_scene
 
 
 def run_one(side: int, tile: int, overlap: int, work: Path) -> dict[str, float]:
@@ -28,8 +28,23 @@ def run_one(side: int, tile: int, overlap: int, work: Path) -> dict[str, float]:
     cfg = work / "cfg.yaml"
     cfg.write_text(yaml.safe_dump({"detector": {"factory": "geomask.testing:truth_detector", "options": {"labels": str(labels)}}}))
     out = work / f"out{side}.gpkg"
-    cmd = [sys.executable, "-m", "workflows.cli", "-q", "predict", str(image), "-o", str(out), "-c", str(cfg),
-           "--serial", "--tile-size", str(tile), "--overlap", str(overlap)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "workflows.cli",
+        "-q",
+        "predict",
+        str(image),
+        "-o",
+        str(out),
+        "-c",
+        str(cfg),
+        "--serial",
+        "--tile-size",
+        str(tile),
+        "--overlap",
+        str(overlap),
+    ]
     # A fresh parent per run: RUSAGE_CHILDREN then holds this run's peak alone.
     probe = "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     t0 = time.perf_counter()

@@ -66,8 +66,10 @@ def main() -> None:
         model_only, end_to_end = min(model_times), min(e2e_times)
     ratio = end_to_end / model_only
     print(f"# pipeline overhead ({platform.node()}, {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} threads)")
-    print(f"model {det.name}, {len(plan.tiles)} tiles of {args.tile} px (overlap {args.overlap}), batch {args.batch}, "
-          f"{n_inst} raw instances, {summary.n_features} output features")
+    print(
+        f"model {det.name}, {len(plan.tiles)} tiles of {args.tile} px (overlap {args.overlap}), batch {args.batch}, "
+        f"{n_inst} raw instances, {summary.n_features} output features"
+    )
     print(f"all runs: model-only {[round(t, 1) for t in model_times]} s, end-to-end {[round(t, 1) for t in e2e_times]} s")
     print("| model-only (s) | end-to-end (s) | ratio | goal |")
     print("| ---: | ---: | ---: | ---: |")

@@ -21,12 +21,22 @@ def write_large_scene(directory: Path, side_px: int, objects_per_block: int = 12
     rng = np.random.default_rng(seed)
     image, labels = directory / f"scene{side_px}.tif", directory / f"scene{side_px}_labels.tif"
     profile = {
-        "driver": "GTiff", "width": side_px, "height": side_px, "crs": "EPSG:32633",
-        "transform": Affine(0.3, 0, 500_000.0, 0, -0.3, 5_000_000.0), "tiled": True,
-        "blockxsize": 256, "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER",
+        "driver": "GTiff",
+        "width": side_px,
+        "height": side_px,
+        "crs": "EPSG:32633",
+        "transform": Affine(0.3, 0, 500_000.0, 0, -0.3, 5_000_000.0),
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        "BIGTIFF": "IF_SAFER",
     }
     next_id = 1
-    with rasterio.open(image, "w", count=3, dtype="uint8", **profile) as img, rasterio.open(labels, "w", count=1, dtype="int32", **profile) as lab:
+    with (
+        rasterio.open(image, "w", count=3, dtype="uint8", **profile) as img,
+        rasterio.open(labels, "w", count=1, dtype="int32", **profile) as lab,
+    ):
         for r in range(0, side_px, BLOCK):
             for c in range(0, side_px, BLOCK):
                 h, w = min(BLOCK, side_px - r), min(BLOCK, side_px - c)

@@ -6,12 +6,13 @@ inside Dask tasks, so the serial and distributed paths share every line that tou
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -103,6 +104,22 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     return RasterPlan(info, grid, bands, stats, tiles, resolved)
 
 
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so RSS creeps up with image size)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 def _batched(items: Sequence[T], n: int) -> Iterator[Sequence[T]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
@@ -185,7 +202,7 @@ def clean_instances(image: TileImage, found: Iterable[Instance]) -> list[Instanc
 def detect_tiles(plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int) -> tuple[list[Instance], int]:
     """Read, detect and clean every tile in ``tiles``; return per-tile instances and the skipped count."""
     found: list[Instance] = []
-    skipped = 0
+    skipped = n_batches = 0
     with plan.reader() as reader:
         for batch, n_skipped in prefetch(read_batches(reader, tiles, batch_size)):
             skipped += n_skipped
@@ -196,6 +213,10 @@ def detect_tiles(plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, ba
                 raise DetectorError(f"detector {detector.name} returned {len(results)} results for a batch of {len(batch)} tiles")
             for image, insts in zip(batch, results, strict=True):
                 found.extend(clean_instances(image, insts))
+            del batch, results
+            n_batches += 1
+            if n_batches % 16 == 0:
+                release_freed_memory()
     return found, skipped
 
 

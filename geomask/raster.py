@@ -29,6 +29,9 @@ FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
 
 _GEOD = Geod(ellps="WGS84")
+# GDAL's block cache defaults to 5 % of RAM and fills up on large rasters; a fixed cap keeps memory
+# flat whatever the image size (tiles are read once, so a large cache buys little).
+GDAL_CACHE_BYTES = 64 * 1024 * 1024
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
 
 
@@ -193,8 +196,11 @@ class RasterReader:
         self.info, self.grid, self.bands, self.stats = info, grid, bands, stats
         self.expand_gray = expand_gray
         self._src: rasterio.DatasetReader | None = None
+        self._env: rasterio.Env | None = None
 
     def __enter__(self) -> RasterReader:
+        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
+        self._env.__enter__()
         self._src = rasterio.open(self.info.path)
         return self
 
@@ -202,6 +208,9 @@ class RasterReader:
         if self._src is not None:
             self._src.close()
             self._src = None
+        if self._env is not None:
+            self._env.__exit__()
+            self._env = None
 
     def read_raw(self, window: Window) -> tuple[npt.NDArray[np.generic], BoolArray]:
         """Read raw band values ``(bands, h, w)`` and validity ``(h, w)`` for a working-grid window."""

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Train the bundled buildings model (resnet18_fpn, 128-ch FPN) on CPU from scratch.
+# Data: ../shared/data/buildings_fair (HOT fAIr sample). area5 (Nairobi) is held out for validation.
+# Outputs: runs/buildings_r18/buildings_r18.pt (best by validation F1), .last.pt (resumable), .log.jsonl.
+# Add --resume to continue a stopped run.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+DATA=${DATA:-../shared/data/buildings_fair}
+OUT=${OUT:-runs/buildings_r18}
+mkdir -p "$OUT"
+exec .venv/bin/geomask train \
+  --images "$DATA/area1/*.tif" --images "$DATA/area3/*.tif" --images "$DATA/area4/*.tif" \
+  --labels "$DATA/*/labels_osm_buildings.geojson" \
+  --val-images "$DATA/area5/*.tif" \
+  -o "$OUT/buildings_r18.pt" \
+  --arch resnet18_fpn --gsd 0.3 --chip-size 256 --batch-size 8 --lr 1e-3 \
+  --iterations "${ITERATIONS:-1600}" --val-every 200 --max-minutes "${MAX_MINUTES:-105}" \
+  --threads 2 --device cpu --seed 0 \
+  --attribution "Imagery: OpenAerialMap contributors (CC BY 4.0). Labels: (c) OpenStreetMap contributors (ODbL 1.0). Via the HOT fAIr training sample (hotosm/fAIr-utilities)." \
+  "$@"
