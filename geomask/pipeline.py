@@ -120,11 +120,6 @@ def release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
-def _batched(items: Sequence[T], n: int) -> Iterator[Sequence[T]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     """Produce ``items`` from a background thread, ``depth`` ahead, so reading overlaps inference."""
     q: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=depth)

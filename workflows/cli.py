@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -67,10 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         click.echo("geomask: interrupted; finished work in --run-dir is kept", err=True)
         sys.exit(130)
-
-
-def existing_path(value: str) -> Path:
-    return Path(value)
 
 
 if __name__ == "__main__":
