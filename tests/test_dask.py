@@ -18,6 +18,7 @@ from geomask.errors import ConfigError
 from tests.test_dask_support import SLOW, make_inputs, polygons, serial_polygons, write_config
 from workflows.inputs import plan_outputs
 from workflows.job import JobSummary, run_job
+from workflows.store import open_run_dir
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -50,7 +51,8 @@ def _run(client: Client, image: Path, config: Path, out: Path, run_dir: Path | N
     cfg = load_config(config)
     if overrides:
         cfg = merge_overrides(cfg, overrides)
-    return run_job(client, [image], plan_outputs(str(out), [image]), cfg, run_dir, progress_every_s=1.0)
+    store = open_run_dir(run_dir, [image], cfg) if run_dir else None
+    return run_job(client, [image], plan_outputs(str(out), [image]), cfg, store, progress_every_s=1.0)
 
 
 def test_one_and_two_workers_equal_serial(
@@ -158,5 +160,5 @@ def test_resume_refuses_a_changed_config_or_model(client: Client, scenes: list[t
     with pytest.raises(ConfigError, match=r"another model .*use a new --run-dir or add --fresh"):
         _run(client, image, config, tmp_path / "o.gpkg", run_dir, **{"detector.options": {"labels": str(other_labels)}})
     cfg = merge_overrides(load_config(config), {"merge.ios_threshold": 0.3})
-    fresh = run_job(client, [image], plan_outputs(str(tmp_path / "o.gpkg"), [image]), cfg, run_dir, fresh=True)
+    fresh = run_job(client, [image], plan_outputs(str(tmp_path / "o.gpkg"), [image]), cfg, open_run_dir(run_dir, [image], cfg, fresh=True))
     assert fresh.tasks_computed == 16

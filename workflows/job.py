@@ -31,7 +31,7 @@ from geomask.pipeline import RasterPlan, config_sidecar, new_run_id, plan_raster
 from geomask.vectorize import Feature, sort_features
 from workflows.blocks import Block, BlockTree
 from workflows.inputs import OutputLayout
-from workflows.store import Manifest, RunStore, config_hash, describe_inputs, model_hash
+from workflows.store import RunStore, model_hash
 from workflows.tasks import (
     BlockResult,
     DetectorInfo,
@@ -140,16 +140,14 @@ class _Job:
         inputs: Sequence[Path],
         layout: OutputLayout,
         config: Config,
-        run_dir: Path | None,
-        fresh: bool,
+        store: RunStore | None,
         progress_every_s: float,
     ):
         self.client = client
         self.inputs = list(inputs)
         self.layout = layout
         self.config = config
-        self.run_dir = run_dir
-        self.fresh = fresh
+        self.store = store
         self.progress_every_s = progress_every_s
         self.run_id = new_run_id()
         self.summary = JobSummary(outputs=[], run_id=self.run_id, n_inputs=len(self.inputs))
@@ -162,7 +160,6 @@ class _Job:
         self.ac: Any = cast(Any, as_completed)()
         self.seq = 0
         self.frames: list[Any] = []
-        self.store: RunStore | None = None
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -178,9 +175,6 @@ class _Job:
         if self.layout.combined is not None and len({p.info.crs for p in plans}) > 1:
             crss = sorted({p.info.crs.to_string() for p in plans})
             raise ExportError(f"inputs are in different CRSs ({', '.join(crss)}); write one file per input with -o FOLDER/")
-        if self.run_dir is not None:
-            manifest = Manifest(describe_inputs(self.inputs), config_hash(cfg), info.name, self.model_hash)
-            self.store = RunStore(self.run_dir, manifest, self.fresh)
         out = []
         for i, (path, plan) in enumerate(zip(self.inputs, plans, strict=True)):
             tree = BlockTree(plan.tiles, cfg.dask.tiles_per_task)
@@ -353,8 +347,7 @@ def run_job(
     inputs: Sequence[Path],
     layout: OutputLayout,
     config: Config,
-    run_dir: Path | None = None,
-    fresh: bool = False,
+    store: RunStore | None = None,
     progress_every_s: float = 10.0,
 ) -> JobSummary:
     """Run the whole job on ``client``'s cluster and write its outputs.
@@ -364,14 +357,13 @@ def run_job(
         inputs: Raster paths, already expanded.
         layout: Where outputs go (see :func:`workflows.inputs.plan_outputs`).
         config: The validated config; ``config.dask`` decides tasks, retries and GPU resources.
-        run_dir: Folder for resumable results, or ``None`` to keep nothing.
-        fresh: Discard what ``run_dir`` holds instead of refusing a different job.
+        store: The run folder (see :func:`workflows.store.open_run_dir`), or ``None`` to keep nothing.
         progress_every_s: Seconds between progress lines.
 
     Returns:
         The summary; failures are listed there (and in ``run_dir/failures.jsonl``), not raised.
     """
-    job = _Job(client, inputs, layout, config, run_dir, fresh, progress_every_s)
+    job = _Job(client, inputs, layout, config, store, progress_every_s)
     client.register_plugin(DetectorPlugin(config.detector.factory, config.detector.options), name=job.plugin_name)
     try:
         return job.run()

@@ -159,7 +159,7 @@ class Manifest:
 
     inputs: list[dict[str, Any]]
     config_hash: str
-    model_name: str
+    model: str  # the detector factory, for the message when it changes
     model_hash: str
 
     def to_json(self) -> str:
@@ -203,8 +203,8 @@ class RunStore:
             raise RunDirError(f"run dir {self.root} was written by another geomask version; {way_out}")
         if stored.get("model_hash") != manifest.model_hash:
             raise ConfigError(
-                f"run dir {self.root} was made with another model ({stored.get('model_name')}, hash {stored.get('model_hash')}, "
-                f"now {manifest.model_name}, hash {manifest.model_hash}); {way_out}"
+                f"run dir {self.root} was made with another model ({stored.get('model')}, hash {stored.get('model_hash')}, "
+                f"now {manifest.model}, hash {manifest.model_hash}); {way_out}"
             )
         if stored.get("config_hash") != manifest.config_hash:
             raise ConfigError(
@@ -241,3 +241,18 @@ class RunStore:
         path = self.root / "failures.jsonl"
         _write_atomic(path, "".join(json.dumps(asdict(f)) + "\n" for f in failures).encode())
         return path
+
+
+def open_run_dir(run_dir: Path, inputs: Sequence[Path], config: Config, fresh: bool = False) -> RunStore:
+    """Open (or start) a run folder for this job, before any cluster is started.
+
+    The config is hashed as given, before the model's hints fill it in: the hints are a function of the
+    model, which is hashed on its own, so a refusal costs no cluster start-up.
+
+    Raises:
+        ConfigError: The folder holds results of another config, model or set of inputs (and not ``fresh``).
+    """
+    manifest = Manifest(
+        describe_inputs(inputs), config_hash(config), config.detector.factory, model_hash(config.detector.factory, config.detector.options)
+    )
+    return RunStore(run_dir, manifest, fresh)

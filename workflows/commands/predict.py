@@ -113,13 +113,16 @@ def _with_detector_options(cfg: Config, weights: str | None, device: str | None)
 def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str | None, fresh: bool, progress_every: float) -> None:
     from workflows.cluster import connect
     from workflows.job import run_job
+    from workflows.store import open_run_dir
+
+    store = open_run_dir(Path(run_dir), paths, cfg, fresh) if run_dir else None
 
     root = logging.getLogger().getEffectiveLevel()
     logging.getLogger("distributed").setLevel(max(root, logging.WARNING) if root > logging.DEBUG else root)  # -vv shows Dask's own log
     with connect(cfg.dask) as client:
         if client.dashboard_link and cfg.dask.dashboard:
             click.echo(f"dashboard: {client.dashboard_link}", err=True)
-        summary = run_job(client, paths, layout, cfg, Path(run_dir) if run_dir else None, fresh, progress_every)
+        summary = run_job(client, paths, layout, cfg, store, progress_every)
     outputs = ", ".join(str(p) for p in summary.outputs) or "nothing"
     click.echo(
         f"{summary.n_objects} objects from {summary.n_tiles} tiles of {summary.n_inputs} input(s) in {summary.seconds:.1f} s "
