@@ -8,6 +8,8 @@ cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/buildings_fair}
 OUT=${OUT:-runs/buildings_r18}
 mkdir -p "$OUT"
+# Passive OpenMP waits: on a shared 2-core machine, spinning threads burn the CPU the other thread needs.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 exec .venv/bin/geomask train \
   --images "$DATA/area1/*.tif" --images "$DATA/area3/*.tif" --images "$DATA/area4/*.tif" \
   --labels "$DATA/*/labels_osm_buildings.geojson" \

@@ -15,6 +15,7 @@ Plain torchvision state dicts (e.g. the COCO weights) are read too, without meta
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import zipfile
@@ -22,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from geomask.detect.base import ModelHints
@@ -123,11 +125,19 @@ def save_checkpoint(
 
 
 def _meta_to_dict(meta: CheckpointMeta) -> dict[str, Any]:
-    data = asdict(meta)
-    for key in ("classes", "bands", "percentiles"):
-        if data[key] is not None:
-            data[key] = list(data[key])
+    # A JSON round trip turns tuples into lists and str/float subclasses (torch's TorchVersion, numpy
+    # scalars) into plain values: anything else would make the file unloadable with weights_only=True.
+    try:
+        data: dict[str, Any] = json.loads(json.dumps(asdict(meta), default=_plain))
+    except (TypeError, ValueError) as err:
+        raise WeightsError(f"checkpoint metadata must be plain JSON-like values ({err}); convert it before saving") from None
     return data
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, (np.generic,)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not a plain value")
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -138,7 +148,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     """
     p = Path(path)
     if not p.is_file():
-        raise WeightsError(f"weights file {str(p)!r} does not exist; give a checkpoint from `geomask train` or omit --weights for the bundled model")
+        raise WeightsError(
+            f"weights file {str(p)!r} does not exist; give a checkpoint from `geomask train` or omit --weights for the bundled model"
+        )
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -146,7 +158,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             f"{p} holds pickled Python objects, which geomask refuses to load ({_first_line(err)}); save a plain state dict instead"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise WeightsError(f"{p} is not a readable PyTorch checkpoint ({_first_line(err)}); it may be truncated or not a .pt file") from None
+        raise WeightsError(
+            f"{p} is not a readable PyTorch checkpoint ({_first_line(err)}); it may be truncated or not a .pt file"
+        ) from None
     return checkpoint_from_data(data, str(p))
 
 
@@ -191,4 +205,7 @@ def _meta_from_dict(data: dict[str, Any]) -> CheckpointMeta:
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
+    for line in text.splitlines():  # torch's weights_only refusal names the offending class on a later line
+        if "Unsupported global" in line:
+            return line.strip().split(" was not", 1)[0][:200]
     return text.splitlines()[0][:200] if text else type(err).__name__

@@ -6,5 +6,6 @@ import click
 
 from workflows.commands.evaluate import evaluate
 from workflows.commands.predict import predict
+from workflows.commands.train import train
 
-ALL: list[click.Command] = [predict, evaluate]
+ALL: list[click.Command] = [predict, evaluate, train]

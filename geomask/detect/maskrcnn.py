@@ -1,0 +1,378 @@
+"""The built-in detector: torchvision Mask R-CNN, batched, with masks cropped on the device.
+
+Three architectures: ``resnet50_fpn`` (torchvision v1, the COCO weights' shape), ``resnet50_fpn_v2``
+and ``resnet18_fpn``, a CPU-friendly model for training from scratch (trainable ``BatchNorm2d``,
+because frozen batch norm without pretrained statistics is wrong from scratch; 128-channel FPN and
+mask head; anchors from 16 px because objects at 0.3 m are small).
+
+The model's own resize is neutralised: each batch is zero-padded to one square side (at least the
+model's tile size) and ``min_size = max_size = side``, so the scale factor is exactly 1 and a pixel in
+is a pixel out. Rasters smaller than a tile therefore work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from geomask.detect.base import ModelHints, TileImage
+from geomask.detect.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint
+from geomask.errors import DetectorError, WeightsError
+from geomask.instances import Instance
+
+log = logging.getLogger(__name__)
+
+#: ``tiny_fpn`` is a few-hundred-thousand-parameter model for tests and demos: it learns simple shapes in seconds.
+ARCHS = ("resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "tiny_fpn")
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+BUNDLED_MODEL = "buildings_r18.pt"
+#: Names accepted as ``weights`` for torchvision's COCO weights (downloaded on first use when online).
+COCO_WEIGHTS = {"coco": "resnet50_fpn", "coco_v2": "resnet50_fpn_v2"}
+DEFAULT_TILE_SIZE_PX = 512
+
+
+def build_model(arch: str, num_classes: int, tile_size_px: int = DEFAULT_TILE_SIZE_PX, detections_per_img: int = 300) -> MaskRCNN:
+    """Build an untrained Mask R-CNN (no downloads) for ``num_classes`` object classes.
+
+    Args:
+        arch: One of :data:`ARCHS`.
+        num_classes: Object classes, background excluded.
+        tile_size_px: Input side; ``min_size`` and ``max_size`` are set to it so nothing is resized.
+        detections_per_img: Upper bound on instances per tile (dense scenes need hundreds).
+    """
+    common: dict[str, Any] = {
+        "num_classes": num_classes + 1,
+        "min_size": tile_size_px,
+        "max_size": tile_size_px,
+        "box_detections_per_img": detections_per_img,
+    }
+    if arch == "resnet50_fpn":
+        from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+        return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, **common)
+    if arch == "resnet50_fpn_v2":
+        from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+        return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **common)
+    if arch == "resnet18_fpn":
+        return _resnet18_fpn(common, channels=128)
+    if arch == "tiny_fpn":
+        return _tiny_fpn(common)
+    raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
+
+
+def _resnet18_fpn(common: dict[str, Any], channels: int) -> MaskRCNN:
+    from torchvision.models import resnet18
+
+    body = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
+    return _light_maskrcnn(body, [64, 128, 256, 512], channels, 16, 512, 4, 1000, 256, common)
+
+
+def _tiny_fpn(common: dict[str, Any]) -> MaskRCNN:
+    def stage(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+    body = nn.Sequential(
+        OrderedDict(stem=stage(3, 16), layer1=stage(16, 16), layer2=stage(16, 32), layer3=stage(32, 64), layer4=stage(64, 64))
+    )
+    return _light_maskrcnn(body, [16, 32, 64, 64], 32, 8, 128, 2, 300, 128, common)
+
+
+def _light_maskrcnn(
+    body: nn.Module,
+    in_channels: list[int],
+    channels: int,
+    smallest_anchor_px: int,
+    box_repr: int,
+    mask_layers: int,
+    proposals: int,
+    box_samples: int,
+    common: dict[str, Any],
+) -> MaskRCNN:
+    """Assemble a Mask R-CNN with narrow FPN and heads around a backbone with ``layer1..layer4``.
+
+    Anchors double per FPN level from ``smallest_anchor_px``; ``proposals`` bounds the RPN's output,
+    ``box_samples`` the RoIs sampled per image in training: both dominate CPU time at small tile sizes.
+    """
+    backbone = BackboneWithFPN(
+        body,
+        return_layers={"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"},
+        in_channels_list=in_channels,
+        out_channels=channels,
+        extra_blocks=LastLevelMaxPool(),
+    )
+    sizes = tuple((smallest_anchor_px * 2**k,) for k in range(5))
+    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    num_classes = common.pop("num_classes")
+    return MaskRCNN(
+        backbone,
+        num_classes=None,
+        rpn_anchor_generator=anchors,
+        rpn_pre_nms_top_n_train=proposals,
+        rpn_post_nms_top_n_train=proposals,
+        rpn_pre_nms_top_n_test=proposals,
+        rpn_post_nms_top_n_test=proposals,
+        box_head=TwoMLPHead(channels * 7 * 7, box_repr),
+        box_predictor=FastRCNNPredictor(box_repr, num_classes),
+        box_batch_size_per_image=box_samples,
+        mask_head=MaskRCNNHeads(channels, [channels] * mask_layers, 1),
+        mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
+        **common,
+    )
+
+
+def resolve_device(device: str) -> torch.device:
+    """Return the torch device for ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` (error if unavailable)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DetectorError(f"device {device!r} is not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DetectorError(f"device {device!r} asked for but CUDA is not available; use device: cpu or auto")
+    return dev
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, arch: str) -> None:
+    """Load ``state_dict`` into ``model``; mismatches become one-line :class:`WeightsError` messages."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise WeightsError(
+            f"{source} does not fit architecture {arch!r} ({len(missing)} missing, {len(unexpected)} unexpected keys, "
+            f"e.g. {example!r}); pass the arch the weights were trained with"
+        )
+    cls = "roi_heads.box_predictor.cls_score.weight"
+    if cls in own and own[cls].shape != state_dict[cls].shape:
+        raise WeightsError(
+            f"{source} was trained for {state_dict[cls].shape[0] - 1} classes but {own[cls].shape[0] - 1} were asked for; "
+            "drop the classes option or fine-tune with `geomask train`"
+        )
+    bad = [k for k in own if own[k].shape != state_dict[k].shape]
+    if bad:
+        raise WeightsError(
+            f"{source} does not fit architecture {arch!r} (shape of {bad[0]!r} is {tuple(state_dict[bad[0]].shape)}, "
+            f"expected {tuple(own[bad[0]].shape)}); pass the arch the weights were trained with"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()})
+
+
+def coco_state_dict(name: str) -> tuple[str, dict[str, torch.Tensor], list[str]]:
+    """Fetch torchvision's COCO weights by name (``coco`` / ``coco_v2``): arch, state dict, class names.
+
+    Uses torchvision's own cache (``$TORCH_HOME/hub/checkpoints``), so a file placed there works offline.
+    """
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights
+
+    arch = COCO_WEIGHTS[name]
+    enum = MaskRCNN_ResNet50_FPN_Weights.DEFAULT if arch == "resnet50_fpn" else MaskRCNN_ResNet50_FPN_V2_Weights.DEFAULT
+    try:
+        state = enum.get_state_dict(progress=False, check_hash=False)
+    except (OSError, RuntimeError, ValueError) as err:  # URLError is an OSError
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise WeightsError(
+            f"cannot get COCO weights {name!r} ({str(err).splitlines()[0][:120]}); this machine may be offline: "
+            f"put {enum.url.rsplit('/', 1)[-1]} into {hub} or give a geomask checkpoint"
+        ) from None
+    return arch, state, [str(c) for c in enum.meta["categories"]][1:]
+
+
+class MaskRCNNDetector:
+    """A torchvision Mask R-CNN behind the :class:`~geomask.detect.base.Detector` protocol.
+
+    Holds the model on its device in eval mode; ``detect`` is safe to call repeatedly with batches of
+    any tile sizes. Instances come back in global working-grid pixels, masks cropped to their boxes.
+    """
+
+    def __init__(
+        self,
+        model: MaskRCNN,
+        classes: Sequence[str],
+        hints: ModelHints,
+        name: str,
+        device: torch.device,
+        score_threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        amp: bool = True,
+    ):
+        self.model = model.to(device).eval()
+        self.classes = tuple(classes)
+        self.hints = hints
+        self.name = name
+        self.device = device
+        self.mask_threshold = mask_threshold
+        self.amp = amp and device.type == "cuda"
+        self.model.roi_heads.score_thresh = score_threshold
+        self.tile_size_px = hints.tile_size_px or int(model.transform.max_size)
+
+    def detect(self, batch: Sequence[TileImage]) -> list[list[Instance]]:
+        """Return the instances of each tile in ``batch`` in global working-grid pixels."""
+        if not batch:
+            return []
+        for image in batch:
+            if image.pixels.ndim != 3 or image.pixels.shape[0] != 3:
+                raise DetectorError(
+                    f"{self.name} needs 3-band tiles, got shape {image.pixels.shape}; set raster.bands to three bands (e.g. [1, 2, 3])"
+                )
+        side = max([self.tile_size_px] + [max(im.pixels.shape[1:]) for im in batch])
+        tensors = []
+        for image in batch:
+            t = torch.from_numpy(np.ascontiguousarray(image.pixels, dtype=np.float32)).to(self.device, non_blocking=True)
+            _, h, w = t.shape
+            if h != side or w != side:
+                t = torch.nn.functional.pad(t, (0, side - w, 0, side - h))
+            tensors.append(t)
+        # Pixels in equal pixels out: with a square input of this side, torchvision's scale factor is exactly 1.
+        self.model.transform.min_size = (side,)
+        self.model.transform.max_size = side
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        with torch.inference_mode(), autocast:
+            outputs = self.model(tensors)
+        return [self._instances(out, image) for out, image in zip(outputs, batch, strict=True)]
+
+    def _instances(self, out: dict[str, torch.Tensor], image: TileImage) -> list[Instance]:
+        h, w = image.pixels.shape[1:]
+        masks = out["masks"][:, 0, :h, :w] >= self.mask_threshold
+        if masks.shape[0] == 0:
+            return []
+        rows_any, cols_any = masks.any(dim=2), masks.any(dim=1)
+        keep = rows_any.any(dim=1)
+        r0 = rows_any.int().argmax(dim=1)
+        r1 = h - rows_any.flip(1).int().argmax(dim=1)
+        c0 = cols_any.int().argmax(dim=1)
+        c1 = w - cols_any.flip(1).int().argmax(dim=1)
+        idx = torch.nonzero(keep).flatten().tolist()
+        bounds = torch.stack([r0, r1, c0, c1], dim=1).cpu().tolist()
+        # Crop on the device and move only the crops, in one transfer.
+        crops = [masks[i, bounds[i][0] : bounds[i][1], bounds[i][2] : bounds[i][3]].reshape(-1) for i in idx]
+        if not crops:
+            return []
+        flat = torch.cat(crops).cpu().numpy()
+        scores = out["scores"].float().cpu().tolist()
+        labels = out["labels"].cpu().tolist()
+        row0, col0 = int(image.tile.read.row_off), int(image.tile.read.col_off)
+        found = []
+        pos = 0
+        for i in idx:
+            br0, br1, bc0, bc1 = bounds[i]
+            n = (br1 - br0) * (bc1 - bc0)
+            mask = flat[pos : pos + n].reshape(br1 - br0, bc1 - bc0)
+            pos += n
+            found.append(Instance(row0 + br0, col0 + bc0, mask, float(scores[i]), int(labels[i]) - 1))
+        return found
+
+
+def _check_options(score_threshold: float, mask_threshold: float, detections_per_img: int, tile_size_px: int | None) -> None:
+    if not 0.0 <= score_threshold <= 1.0:
+        raise DetectorError(f"score_threshold must be in [0, 1], got {score_threshold}")
+    if not 0.0 < mask_threshold < 1.0:
+        raise DetectorError(f"mask_threshold must be in (0, 1), got {mask_threshold}")
+    if detections_per_img < 1:
+        raise DetectorError(f"detections_per_img must be at least 1, got {detections_per_img}")
+    if tile_size_px is not None and tile_size_px < 32:
+        raise DetectorError(f"tile_size_px must be at least 32, got {tile_size_px}")
+
+
+def build(
+    weights: str | None = None,
+    arch: str | None = None,
+    device: str = "auto",
+    score_threshold: float = 0.5,
+    mask_threshold: float = 0.5,
+    detections_per_img: int = 300,
+    amp: bool = True,
+    classes: Sequence[str] | None = None,
+    tile_size_px: int | None = None,
+) -> MaskRCNNDetector:
+    """Build the Mask R-CNN detector (factory ``geomask.detect.maskrcnn:build``).
+
+    Args:
+        weights: A geomask checkpoint or torchvision state dict path, ``coco``/``coco_v2`` (torchvision
+            COCO weights, downloaded when online), or ``None`` for the bundled buildings model.
+        arch: Architecture; default: the checkpoint's (``resnet50_fpn`` for a plain state dict).
+        device: ``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``.
+        score_threshold: Instances scoring below this are dropped.
+        mask_threshold: Mask probability at which a pixel belongs to the instance.
+        detections_per_img: Most instances per tile.
+        amp: Use float16 autocast on CUDA (ignored on CPU).
+        classes: Class names; must match the weights' class count when given.
+        tile_size_px: Override the tile size hint (default: the checkpoint's, else 512).
+
+    Raises:
+        DetectorError: An option is invalid.
+        WeightsError: The weights are missing, unreadable or do not match ``arch``/``classes``.
+    """
+    _check_options(score_threshold, mask_threshold, detections_per_img, tile_size_px)
+    if arch is not None and arch not in ARCHS:
+        raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
+    dev = resolve_device(device)
+    meta: CheckpointMeta | None
+    if weights in COCO_WEIGHTS:
+        coco_arch, state, names = coco_state_dict(str(weights))
+        if arch is not None and arch != coco_arch:
+            raise WeightsError(f"weights {weights!r} are {coco_arch!r} but arch={arch!r} was asked for; drop arch or change it")
+        meta, source = None, f"torchvision {weights}"
+        ckpt = Checkpoint(None, state)
+        default_classes: Sequence[str] = names
+    else:
+        path = Path(weights) if weights is not None else MODELS_DIR / BUNDLED_MODEL
+        if weights is None and not path.is_file():
+            raise WeightsError(
+                f"no bundled model at {path}; pass weights (a checkpoint from `geomask train`, or 'coco' when online) via --weights"
+            )
+        ckpt = load_checkpoint(path)
+        meta, source = ckpt.meta, str(path)
+        default_classes = meta.classes if meta is not None else []
+    the_arch = _pick_arch(arch, meta, source)
+    n = ckpt.num_classes
+    if n is None:
+        raise WeightsError(f"{source} has no box predictor weights; it is not a Mask R-CNN checkpoint")
+    if classes is not None and len(classes) != n:
+        raise WeightsError(
+            f"{source} was trained for {n} classes but {len(classes)} class names were given; drop the classes option or fine-tune"
+        )
+    names_out = list(classes) if classes is not None else list(default_classes)
+    if len(names_out) != n:
+        names_out = [f"class_{i}" for i in range(n)]
+    tile = tile_size_px or (meta.tile_size_px if meta is not None else DEFAULT_TILE_SIZE_PX)
+    model = build_model(the_arch, n, tile, detections_per_img)
+    load_weights(model, ckpt.state_dict, source, the_arch)
+    hints = meta.hints() if meta is not None else ModelHints()
+    if tile_size_px is not None:
+        hints = ModelHints(tile_size_px, hints.gsd_m, hints.bands, hints.normalize_mode, hints.percentiles)
+    name = f"maskrcnn-{the_arch}:{Path(source).name if weights not in COCO_WEIGHTS else weights}"
+    log.info("loaded %s (%d classes) on %s", name, n, dev)
+    return MaskRCNNDetector(model, names_out, hints, name, dev, score_threshold, mask_threshold, amp)
+
+
+def _pick_arch(arch: str | None, meta: CheckpointMeta | None, source: str) -> str:
+    if meta is None:
+        return arch or "resnet50_fpn"
+    if meta.arch not in ARCHS:
+        raise WeightsError(f"{source} names architecture {meta.arch!r}, unknown to this geomask; use one of {list(ARCHS)}")
+    if arch is not None and arch != meta.arch:
+        raise WeightsError(f"{source} holds a {meta.arch!r} model but arch={arch!r} was asked for; drop arch or pass matching weights")
+    return meta.arch
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Return the number of trainable parameters (for logs and the model card)."""
+    return int(sum(math.prod(p.shape) for p in model.parameters() if p.requires_grad))

@@ -1,0 +1,670 @@
+"""Train a Mask R-CNN on GeoTIFFs and vector labels: chips by windowed reads, validation by area.
+
+How a chip is made: a centre is drawn (near a label with probability ``positive_fraction``, else
+anywhere, so background is learnt too), a window of ``chip_size_px × scale`` working-grid pixels
+around it is read from the source with resampling straight to ``chip_size_px`` (one windowed read,
+the working grid being the source resampled to ``gsd_m``), and labels are burned with that chip's
+own affine transform. Scale jitter is therefore a different window size, never a second resampling.
+Normalisation is the one ``predict`` applies (:func:`geomask.raster.compute_norm_stats`, once per
+raster), so training and inference see identical pixel values.
+
+Validation is by file (whole rasters, normally a whole area held out), never by random chips: chips
+of one area are strongly correlated, and a random split would measure memory, not generalisation.
+Every ``val_every`` iterations (one "epoch") the model is scored on a fixed grid of validation
+chips (F1 at mask IoU 0.5, one-to-one); the best model is written to ``output``; the full training
+state goes to ``output.last.pt`` every ``checkpoint_every_s`` seconds so a run can be stopped any
+time and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+import torch
+from affine import Affine
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from geomask.detect.base import ModelHints, TileImage
+from geomask.detect.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from geomask.detect.maskrcnn import ARCHS, MaskRCNNDetector, build_model, coco_state_dict, count_parameters, resolve_device
+from geomask.errors import ConfigError, LabelError, WeightsError
+from geomask.labels import LabelSet, expand_paths, rasterize_instances, read_labels, window_bounds
+from geomask.raster import Grid, NormStats, RasterInfo, compute_norm_stats, inspect_raster, resolve_bands, working_grid
+from geomask.tiling import Tile
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Every training knob, with its default in one place.
+
+    Attributes:
+        arch: Architecture (see :data:`geomask.detect.maskrcnn.ARCHS`).
+        classes: Class names (used when labels carry no class field).
+        class_field: Label attribute holding the class name, or ``None`` (one class).
+        boxes_as_ellipses: Labels are boxes: train on the inscribed ellipse (see :mod:`geomask.labels`).
+        chip_size_px: Chip side in pixels; becomes the model's tile size.
+        gsd_m: Resample chips to this ground sample distance (metres); ``None``: native resolution.
+        bands: 1-based bands in model order; ``None``: the first three.
+        batch_size: Chips per iteration.
+        iterations: Total optimiser steps.
+        lr: Peak AdamW learning rate (linear warm-up, then cosine decay to 5 %).
+        weight_decay: AdamW weight decay.
+        warmup_iters: Warm-up length in iterations.
+        positive_fraction: Share of chips centred near a label; the rest are anywhere (background).
+        scale_jitter: Range of window-size factors (object size jitter).
+        color_jitter: Strength of per-band gain, brightness and contrast jitter.
+        min_area_px: Smallest training mask (chip pixels); smaller fragments are dropped.
+        val_every: Iterations per epoch (validation, metrics, best checkpoint).
+        checkpoint_every_s: Seconds between ``.last.pt`` checkpoints.
+        max_minutes: Stop (cleanly, with checkpoints) after this long, even before ``iterations``.
+        device: ``auto``, ``cpu``, ``cuda``...
+        amp: Mixed precision: float16 + grad scaling on CUDA, bfloat16 autocast on CPU.
+        threads: torch CPU threads (``None``: torch's default).
+        seed: Random seed for chip sampling, augmentation and initialisation.
+        init: Start from a geomask checkpoint path, ``coco``/``coco_v2`` (torchvision COCO, heads
+            replaced for our classes), or ``None`` (from scratch).
+        attribution: Credit for the training data, stored in the checkpoint.
+        val_score_threshold: Score threshold for validation F1.
+        log_every: Iterations between loss log lines.
+    """
+
+    arch: str = "resnet18_fpn"
+    classes: tuple[str, ...] = ("building",)
+    class_field: str | None = None
+    boxes_as_ellipses: bool = False
+    chip_size_px: int = 256
+    gsd_m: float | None = 0.3
+    bands: tuple[int, ...] | None = None
+    batch_size: int = 8
+    iterations: int = 2000
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    positive_fraction: float = 0.8
+    scale_jitter: tuple[float, float] = (0.8, 1.25)
+    color_jitter: float = 0.15
+    min_area_px: int = 6
+    val_every: int = 200
+    checkpoint_every_s: float = 300.0
+    max_minutes: float | None = None
+    device: str = "auto"
+    amp: bool = True
+    threads: int | None = None
+    seed: int = 0
+    init: str | None = None
+    attribution: str = ""
+    val_score_threshold: float = 0.5
+    log_every: int = 10
+
+    def check(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid setting."""
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown architecture {self.arch!r}; use one of {list(ARCHS)}")
+        if self.chip_size_px < 32 or self.chip_size_px % 32:
+            raise ConfigError(f"chip_size_px must be a multiple of 32 and at least 32, got {self.chip_size_px}")
+        for name in ("batch_size", "iterations", "val_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0.0 <= self.positive_fraction <= 1.0:
+            raise ConfigError(f"positive_fraction must be in [0, 1], got {self.positive_fraction}")
+        lo, hi = self.scale_jitter
+        if not 0.0 < lo <= hi:
+            raise ConfigError(f"scale_jitter must satisfy 0 < low <= high, got {self.scale_jitter}")
+        if self.gsd_m is not None and self.gsd_m <= 0:
+            raise ConfigError(f"gsd_m must be positive, got {self.gsd_m}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not self.classes:
+            raise ConfigError("classes must name at least one class")
+
+
+@dataclass
+class TrainRaster:
+    """One training or validation raster, opened once: grid, normalisation and its labels."""
+
+    info: RasterInfo
+    grid: Grid
+    bands: list[int]
+    stats: NormStats
+    labels: LabelSet
+    centers: npt.NDArray[np.float64]  # (n, 2) label centres in working-grid (row, col)
+
+
+@dataclass
+class Chip:
+    """A training chip: normalised pixels, validity, instance masks and their class ids."""
+
+    pixels: FloatArray
+    valid: BoolArray
+    masks: list[BoolArray]
+    class_ids: list[int]
+
+
+@dataclass
+class TrainResult:
+    """What a training run did (also written into the checkpoint's ``training`` metadata)."""
+
+    output: Path
+    iterations: int
+    seconds: float
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def open_rasters(images: Sequence[str], label_paths: Sequence[str], settings: TrainSettings) -> list[TrainRaster]:
+    """Inspect rasters, fix their working grid and normalisation, and attach their share of the labels.
+
+    Labels are read once per distinct raster CRS (reprojected by pyogrio/pyproj) and cut per raster.
+    """
+    out = []
+    by_crs: dict[str, LabelSet] = {}
+    for path in images:
+        info = inspect_raster(path)
+        grid = working_grid(info, settings.gsd_m)
+        bands = resolve_bands(info, list(settings.bands) if settings.bands else None)
+        stats = compute_norm_stats(info, grid, bands, "auto", (2.0, 98.0), 16, 512)
+        key = info.crs_wkt
+        if key not in by_crs:
+            by_crs[key] = read_labels(
+                label_paths,
+                info.crs,
+                settings.class_field,
+                settings.classes if not settings.class_field else None,
+                settings.boxes_as_ellipses,
+            )
+        labels = _subset(by_crs[key], window_bounds(grid.transform, grid.height, grid.width))
+        inv = ~grid.transform
+        cents = [inv * (c.x, c.y) for c in (g.centroid for g in labels.geoms)]
+        centers = np.asarray([(row, col) for col, row in cents], dtype=np.float64).reshape(-1, 2)
+        log.info("%s: %d x %d px at %.3f m, %d labels", path, grid.width, grid.height, grid.gsd_m, len(labels))
+        out.append(TrainRaster(info, grid, bands, stats, labels, centers))
+    return out
+
+
+def _subset(labels: LabelSet, bounds: tuple[float, float, float, float]) -> LabelSet:
+    idx = labels.query(bounds)
+    return LabelSet(labels.geoms[idx], labels.class_ids[idx], labels.classes, labels.crs)
+
+
+class ChipReader:
+    """Windowed chip reads with resampling, plus label rasterisation on the chip's own grid."""
+
+    def __init__(self, rasters: Sequence[TrainRaster], chip_size_px: int, min_area_px: int):
+        self.rasters = list(rasters)
+        self.size = chip_size_px
+        self.min_area_px = min_area_px
+        self._src: dict[int, rasterio.DatasetReader] = {}
+
+    def close(self) -> None:
+        for src in self._src.values():
+            src.close()
+        self._src.clear()
+
+    def read(self, k: int, row: float, col: float, scale: float = 1.0) -> Chip:
+        """Read the chip of raster ``k`` whose top-left is working-grid ``(row, col)``, ``scale`` pixels per chip pixel.
+
+        The window is clamped inside the raster; a raster smaller than a chip gives a zero-padded chip.
+        """
+        r = self.rasters[k]
+        grid = r.grid
+        span_h = min(self.size * scale, grid.height)
+        span_w = min(self.size * scale, grid.width)
+        row = float(np.clip(row, 0, grid.height - span_h))
+        col = float(np.clip(col, 0, grid.width - span_w))
+        out_h = max(1, min(self.size, round(span_h / scale)))
+        out_w = max(1, min(self.size, round(span_w / scale)))
+        window = grid.source_window(Window(col, row, span_w, span_h))
+        if k not in self._src:
+            self._src[k] = rasterio.open(r.info.path)
+        src = self._src[k]
+        raw = src.read(r.bands, window=window, out_shape=(len(r.bands), out_h, out_w), resampling=Resampling.bilinear)
+        valid = src.dataset_mask(window=window, out_shape=(out_h, out_w), resampling=Resampling.nearest) > 0
+        pixels = r.stats.apply(raw)
+        pixels[:, ~valid] = 0.0
+        if pixels.shape[0] == 1:
+            pixels = np.repeat(pixels, 3, axis=0)
+        transform = grid.transform * Affine.translation(col, row) * Affine.scale(span_w / out_w, span_h / out_h)
+        masks, ids = rasterize_instances(r.labels, transform, out_h, out_w, self.min_area_px)
+        chip = Chip(pixels, valid, masks, ids)
+        return _pad(chip, self.size) if (out_h, out_w) != (self.size, self.size) else chip
+
+
+def _pad(chip: Chip, size: int) -> Chip:
+    h, w = chip.valid.shape
+    pixels = np.zeros((chip.pixels.shape[0], size, size), dtype=np.float32)
+    pixels[:, :h, :w] = chip.pixels
+    valid = np.zeros((size, size), dtype=bool)
+    valid[:h, :w] = chip.valid
+    masks = []
+    for m in chip.masks:
+        full = np.zeros((size, size), dtype=bool)
+        full[:h, :w] = m
+        masks.append(full)
+    return Chip(pixels, valid, masks, chip.class_ids)
+
+
+class ChipSampler:
+    """Random training chips: biased towards labels, with background chips and augmentation."""
+
+    def __init__(self, reader: ChipReader, settings: TrainSettings, rng: np.random.Generator):
+        self.reader, self.settings, self.rng = reader, settings, rng
+        areas = np.asarray([r.grid.width * r.grid.height for r in reader.rasters], dtype=np.float64)
+        self._area_p = areas / areas.sum()
+        counts = np.asarray([len(r.centers) for r in reader.rasters], dtype=np.float64)
+        self._label_p = counts / counts.sum() if counts.sum() > 0 else None
+
+    def sample(self) -> Chip:
+        """Draw one augmented chip (retrying a few times to avoid mostly-nodata chips)."""
+        s = self.settings
+        for _ in range(10):
+            chip = self._draw()
+            if chip.valid.mean() >= 0.5:
+                break
+        return augment(chip, self.rng, s.color_jitter)
+
+    def _draw(self) -> Chip:
+        s, rng = self.settings, self.rng
+        lo, hi = s.scale_jitter
+        scale = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        span = s.chip_size_px * scale
+        positive = rng.random() < s.positive_fraction
+        if positive and self._label_p is not None:
+            k = int(rng.choice(len(self._label_p), p=self._label_p))
+            cy, cx = self.reader.rasters[k].centers[int(rng.integers(len(self.reader.rasters[k].centers)))]
+            # The object lands anywhere in the chip's central 80 %, so cut objects are seen at every edge.
+            row = cy - span * rng.uniform(0.1, 0.9)
+            col = cx - span * rng.uniform(0.1, 0.9)
+        else:
+            k = int(rng.choice(len(self._area_p), p=self._area_p))
+            g = self.reader.rasters[k].grid
+            row = rng.uniform(0, max(0.0, g.height - span))
+            col = rng.uniform(0, max(0.0, g.width - span))
+        return self.reader.read(k, row, col, scale)
+
+
+def augment(chip: Chip, rng: np.random.Generator, color_jitter: float) -> Chip:
+    """Apply nadir-safe augmentation: flips, 90° rotations, per-band gain, brightness and contrast.
+
+    Nadir imagery has no "up", so the eight dihedral transforms are all realistic views.
+    """
+    pixels, valid, masks = chip.pixels, chip.valid, chip.masks
+    k = int(rng.integers(4))
+    flip = bool(rng.integers(2))
+
+    def geo(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+        a = np.rot90(a, k, axes=(-2, -1))
+        return a[..., ::-1] if flip else a
+
+    pixels = np.ascontiguousarray(geo(pixels))
+    valid = np.ascontiguousarray(geo(valid))
+    masks = [np.ascontiguousarray(geo(m)) for m in masks]
+    if color_jitter > 0:
+        j = color_jitter
+        gain = rng.uniform(1 - j, 1 + j, size=(pixels.shape[0], 1, 1)).astype(np.float32)
+        contrast = np.float32(rng.uniform(1 - j, 1 + j))
+        bright = np.float32(rng.uniform(-j / 2, j / 2))
+        mean = np.float32(pixels[:, valid].mean()) if valid.any() else np.float32(0.5)
+        pixels = ((pixels * gain - mean) * contrast + mean + bright).astype(np.float32)
+        np.clip(pixels, 0.0, 1.0, out=pixels)
+        pixels[:, ~valid] = 0.0
+    return Chip(pixels, valid, masks, chip.class_ids)
+
+
+def chip_target(chip: Chip) -> dict[str, torch.Tensor]:
+    """Return torchvision's target dict (labels shifted by one: 0 is background)."""
+    n = len(chip.masks)
+    h, w = chip.valid.shape
+    if n == 0:
+        return {
+            "boxes": torch.zeros((0, 4), dtype=torch.float32),
+            "labels": torch.zeros((0,), dtype=torch.int64),
+            "masks": torch.zeros((0, h, w), dtype=torch.uint8),
+        }
+    masks = np.stack(chip.masks)
+    rows: BoolArray = np.asarray(masks.any(axis=2))
+    cols: BoolArray = np.asarray(masks.any(axis=1))
+    boxes = np.stack(
+        [cols.argmax(1), rows.argmax(1), w - cols[:, ::-1].argmax(1), h - rows[:, ::-1].argmax(1)],
+        axis=1,
+    ).astype(np.float32)
+    return {
+        "boxes": torch.from_numpy(boxes),
+        "labels": torch.as_tensor([c + 1 for c in chip.class_ids], dtype=torch.int64),
+        "masks": torch.from_numpy(masks.astype(np.uint8)),
+    }
+
+
+def validation_chips(reader: ChipReader) -> list[Chip]:
+    """Cut every validation raster into a fixed grid of non-overlapping chips (last one flush with the edge)."""
+    chips = []
+    size = reader.size
+    for k, r in enumerate(reader.rasters):
+        g = r.grid
+        rows = sorted({*range(0, max(1, g.height - size + 1), size), max(0, g.height - size)})
+        cols = sorted({*range(0, max(1, g.width - size + 1), size), max(0, g.width - size)})
+        for row in rows:
+            for col in cols:
+                chip = reader.read(k, row, col, 1.0)
+                if chip.valid.any():
+                    chips.append(chip)
+    return chips
+
+
+def match_f1(
+    pred_masks: Sequence[BoolArray], pred_scores: Sequence[float], true_masks: Sequence[BoolArray], iou: float = 0.5
+) -> tuple[int, int, int]:
+    """Match predictions to truth one-to-one at mask IoU ≥ ``iou`` (greedy by score): ``(tp, fp, fn)``."""
+    if not pred_masks or not true_masks:
+        return 0, len(pred_masks), len(true_masks)
+    p = np.stack([m.ravel() for m in pred_masks]).astype(np.float32)
+    t = np.stack([m.ravel() for m in true_masks]).astype(np.float32)
+    inter = p @ t.T
+    union = p.sum(1)[:, None] + t.sum(1)[None, :] - inter
+    ious = inter / np.maximum(union, 1.0)
+    matched = np.zeros(len(true_masks), dtype=bool)
+    tp = 0
+    for i in np.argsort(-np.asarray(pred_scores), kind="stable"):
+        cand = np.where(~matched & (ious[i] >= iou))[0]
+        if cand.size:
+            matched[cand[np.argmax(ious[i, cand])]] = True
+            tp += 1
+    return tp, len(pred_masks) - tp, len(true_masks) - tp
+
+
+def evaluate_chips(detector: MaskRCNNDetector, chips: Sequence[Chip], batch_size: int) -> dict[str, float]:
+    """Score ``detector`` on chips: precision, recall and F1 at mask IoU 0.5, summed over chips."""
+    tp = fp = fn = 0
+    for start in range(0, len(chips), batch_size):
+        part = chips[start : start + batch_size]
+        size = part[0].valid.shape[0]
+        tile = Tile(0, 0, 0, Window(0, 0, size, size), Window(0, 0, size, size), None)
+        results = detector.detect([TileImage(tile, c.pixels, c.valid) for c in part])
+        for chip, found in zip(part, results, strict=True):
+            pm = []
+            for inst in found:
+                full = np.zeros(chip.valid.shape, dtype=bool)
+                full[inst.row_off : inst.row_off + inst.height, inst.col_off : inst.col_off + inst.width] = inst.mask
+                pm.append(full & chip.valid)
+            a, b, c = match_f1(pm, [i.score for i in found], chip.masks)
+            tp, fp, fn = tp + a, fp + b, fn + c
+    precision = tp / max(1, tp + fp)
+    recall = tp / max(1, tp + fn)
+    f1 = 2 * precision * recall / max(1e-9, precision + recall)
+    return {"val_precision": precision, "val_recall": recall, "val_f1": f1, "val_tp": float(tp), "val_fp": float(fp), "val_fn": float(fn)}
+
+
+def _lr_factor(it: int, s: TrainSettings) -> float:
+    if it < s.warmup_iters:
+        return 0.1 + 0.9 * it / s.warmup_iters
+    t = min(1.0, (it - s.warmup_iters) / max(1, s.iterations - s.warmup_iters))
+    return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _init_weights(model: torch.nn.Module, init: str, num_classes: int, arch: str) -> None:
+    """Load a starting point, replacing the class-specific heads when the class count differs."""
+    if init in ("coco", "coco_v2"):
+        src_arch, state, _ = coco_state_dict(init)
+        source = f"torchvision {init}"
+    else:
+        ckpt = load_checkpoint(init)
+        src_arch = ckpt.meta.arch if ckpt.meta is not None else arch
+        state, source = ckpt.state_dict, init
+    if src_arch != arch:
+        raise WeightsError(f"{source} holds a {src_arch!r} model but training uses arch {arch!r}; set --arch {src_arch}")
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise WeightsError(f"{source} does not fit architecture {arch!r} (e.g. unexpected key {unknown[0]!r}); set --arch to match")
+    fitting = {k: v.to(own[k].dtype) for k, v in state.items() if v.shape == own[k].shape}
+    replaced = sorted(set(own) - set(fitting))
+    model.load_state_dict(fitting, strict=False)
+    log.info("initialised from %s (%d tensors; %d re-initialised for %d classes)", source, len(fitting), len(replaced), num_classes)
+
+
+class _Logger:
+    """Loss/metric lines to the Python log and, as JSON, to a ``.log.jsonl`` file beside the output."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def train(
+    images: Sequence[str],
+    labels: Sequence[str],
+    output: str | Path,
+    settings: TrainSettings,
+    val_images: Sequence[str] | None = None,
+    val_labels: Sequence[str] | None = None,
+    resume: bool = False,
+    command: str = "",
+) -> TrainResult:
+    """Train a Mask R-CNN and write the best checkpoint to ``output``.
+
+    Args:
+        images: Raster paths or globs.
+        labels: Vector label paths or globs (any OGR format and CRS).
+        output: Best-model checkpoint path; ``output.last.pt`` holds the resumable state and
+            ``output.log.jsonl`` the losses and metrics.
+        settings: Training settings.
+        val_images: Validation rasters (paths or globs); excluded from training. ``None``: hold out the
+            rasters of the last folder when images come from several folders, else the last raster.
+        val_labels: Labels for validation (default: ``labels``).
+        resume: Continue from ``output.last.pt``.
+        command: Command line, recorded in the checkpoint.
+
+    Raises:
+        ConfigError: Invalid settings. LabelError: unusable labels. WeightsError: bad init/resume file.
+    """
+    settings.check()
+    t_start = time.perf_counter()
+    out = Path(output)
+    if not out.parent.exists():
+        raise ConfigError(f"output folder {out.parent} does not exist; create it first")
+    last_path = out.with_name(out.name + ".last.pt")
+    logger = _Logger(out.with_name(out.name + ".log.jsonl"))
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    random.seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    device = resolve_device(settings.device)
+
+    all_images = expand_paths(images)
+    val_list = expand_paths(val_images) if val_images else _default_holdout(all_images)
+    train_list = [p for p in all_images if p not in val_list]
+    if not train_list:
+        raise ConfigError("every image is a validation image; give --val-images that leave some images for training")
+    label_list = expand_paths(labels)
+    log.info("training on %d rasters, validating on %d: %s", len(train_list), len(val_list), [Path(p).name for p in val_list])
+    train_rasters = open_rasters(train_list, label_list, settings)
+    if sum(len(r.labels) for r in train_rasters) == 0:
+        raise LabelError(f"no label overlaps the training rasters; check that {label_list[:3]} cover {train_list[:3]}")
+    val_rasters = open_rasters(val_list, expand_paths(val_labels) if val_labels else label_list, settings) if val_list else []
+    classes = train_rasters[0].labels.classes
+    n_classes = len(classes)
+
+    model = build_model(settings.arch, n_classes, settings.chip_size_px)
+    model.to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay)
+    start_it, best_f1, elapsed0 = 0, -1.0, 0.0
+    best_metrics: dict[str, float] = {}
+    history: list[dict[str, float]] = []
+    if resume:
+        ckpt = load_checkpoint(last_path)
+        if ckpt.meta is None or ckpt.train_state is None:
+            raise WeightsError(f"{last_path} holds no training state; start without --resume")
+        if ckpt.meta.arch != settings.arch:
+            raise WeightsError(f"{last_path} was trained as {ckpt.meta.arch!r}, not {settings.arch!r}; pass --arch {ckpt.meta.arch}")
+        model.load_state_dict(ckpt.state_dict)
+        opt.load_state_dict(ckpt.train_state["optimizer"])
+        start_it = int(ckpt.train_state["iteration"])
+        best_f1 = float(ckpt.train_state.get("best_f1", -1.0))
+        elapsed0 = float(ckpt.train_state.get("elapsed_s", 0.0))
+        best_metrics = {k: float(v) for k, v in dict(ckpt.train_state.get("best_metrics", {})).items()}
+        rng = np.random.default_rng(settings.seed + start_it)
+        log.info("resumed from %s at iteration %d (best val F1 %.3f)", last_path, start_it, best_f1)
+    elif settings.init:
+        _init_weights(model, settings.init, n_classes, settings.arch)
+    log.info(
+        "model %s: %.1f M parameters on %s (%d threads)", settings.arch, count_parameters(model) / 1e6, device, torch.get_num_threads()
+    )
+
+    reader = ChipReader(train_rasters, settings.chip_size_px, settings.min_area_px)
+    sampler = ChipSampler(reader, settings, rng)
+    val_reader = ChipReader(val_rasters, settings.chip_size_px, settings.min_area_px)
+    val_chips = validation_chips(val_reader) if val_rasters else []
+    val_reader.close()
+    log.info("%d validation chips", len(val_chips))
+
+    first = train_rasters[0]
+    hardware = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        if device.type == "cpu"
+        else torch.cuda.get_device_name(device)
+    )
+
+    def meta(metrics: dict[str, float], it: int, seconds: float) -> CheckpointMeta:
+        return CheckpointMeta(
+            arch=settings.arch,
+            classes=tuple(classes),
+            tile_size_px=settings.chip_size_px,
+            gsd_m=settings.gsd_m,
+            bands=tuple(first.bands),
+            normalize_mode="auto",
+            percentiles=(2.0, 98.0),
+            attribution=settings.attribution,
+            metrics=metrics,
+            training={
+                "iterations": it,
+                "seconds": round(seconds, 1),
+                "device": str(device),
+                "hardware": hardware,
+                "threads": torch.get_num_threads(),
+                "images": [Path(p).name for p in train_list],
+                "val_images": [Path(p).name for p in val_list],
+                "settings": json.dumps(asdict(settings)),
+                "command": command,
+                "torch": str(torch.__version__),
+            },
+        )
+
+    cuda_amp = settings.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if cuda_amp else None
+
+    def autocast() -> AbstractContextManager[Any]:
+        if not settings.amp:
+            return nullcontext()
+        return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+    def validate(it: int, seconds: float) -> dict[str, float]:
+        nonlocal best_f1, best_metrics
+        if not val_chips:
+            metrics = {"iteration": float(it)}
+            save_checkpoint(out, meta(metrics, it, seconds), model.state_dict())
+            return metrics
+        det = MaskRCNNDetector(model, classes, ModelHints(), "training", device, settings.val_score_threshold, 0.5, settings.amp)
+        metrics = evaluate_chips(det, val_chips, settings.batch_size)
+        metrics["iteration"] = float(it)
+        model.train()
+        if metrics["val_f1"] > best_f1:
+            best_f1, best_metrics = metrics["val_f1"], dict(metrics)
+            save_checkpoint(out, meta(metrics, it, seconds), model.state_dict())
+            log.info("new best val F1 %.3f at iteration %d -> %s", best_f1, it, out)
+        return metrics
+
+    def save_last(it: int, seconds: float) -> None:
+        state = {"optimizer": opt.state_dict(), "iteration": it, "best_f1": best_f1, "elapsed_s": seconds, "best_metrics": best_metrics}
+        save_checkpoint(last_path, meta(best_metrics, it, seconds), model.state_dict(), train_state=state)
+
+    model.train()
+    last_save = time.perf_counter()
+    window: list[float] = []
+    it = start_it
+    deadline = None if settings.max_minutes is None else t_start + settings.max_minutes * 60
+    try:
+        while it < settings.iterations:
+            chips = [sampler.sample() for _ in range(settings.batch_size)]
+            imgs = [torch.from_numpy(c.pixels).to(device) for c in chips]
+            targets = [{k: v.to(device) for k, v in chip_target(c).items()} for c in chips]
+            factor = _lr_factor(it, settings)
+            for group in opt.param_groups:
+                group["lr"] = settings.lr * factor
+            with autocast():
+                losses = model(imgs, targets)
+            loss = torch.stack([v.float() for v in losses.values()]).sum()
+            opt.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()  # type: ignore[no-untyped-call]
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+                opt.step()
+            it += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise ConfigError(f"training loss became {value} at iteration {it}; lower --lr or disable amp")
+            window.append(value)
+            now = time.perf_counter()
+            seconds = elapsed0 + now - t_start
+            if it % settings.log_every == 0 or it == settings.iterations:
+                record = {"iteration": it, "seconds": round(seconds, 1), "lr": settings.lr * factor, "loss": float(np.mean(window))}
+                record.update({k: round(float(v.detach()), 4) for k, v in losses.items()})
+                logger.write(record)
+                log.info("it %d  loss %.3f  (%.2f it/s)", it, record["loss"], it / max(1e-9, seconds) if start_it == 0 else 0.0)
+                window = []
+            stop = deadline is not None and now >= deadline
+            if it % settings.val_every == 0 or it == settings.iterations or stop:
+                metrics = validate(it, seconds)
+                history.append(metrics)
+                logger.write({"epoch": it // settings.val_every, **metrics})
+                log.info("epoch %d: %s", it // settings.val_every, {k: round(v, 3) for k, v in metrics.items()})
+                save_last(it, seconds)
+                last_save = now
+            elif now - last_save >= settings.checkpoint_every_s:
+                save_last(it, seconds)
+                last_save = now
+            if stop:
+                log.info("stopping at iteration %d: max_minutes %.1f reached", it, settings.max_minutes or 0.0)
+                break
+    finally:
+        reader.close()
+    seconds = elapsed0 + time.perf_counter() - t_start
+    return TrainResult(out, it, seconds, best_metrics, history)
+
+
+def _default_holdout(images: Sequence[str]) -> list[str]:
+    """Hold out the last folder's rasters when images span several folders (areas), else the last raster."""
+    if len(images) < 2:
+        return []
+    folders = sorted({str(Path(p).parent) for p in images})
+    if len(folders) > 1:
+        return [p for p in images if str(Path(p).parent) == folders[-1]]
+    return [images[-1]]

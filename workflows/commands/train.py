@@ -1,0 +1,111 @@
+"""``geomask train``: GeoTIFFs and vector labels in, a geomask checkpoint out."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import shlex
+import sys
+from typing import Any
+
+import click
+import yaml
+
+from geomask.errors import ConfigError
+
+log = logging.getLogger("geomask")
+
+
+def _settings_fields() -> dict[str, Any]:
+    # Imported by name so the CLI layer never imports torch statically (the import contracts forbid it).
+    return importlib.import_module("geomask.detect.train").__dict__
+
+
+def _load_yaml(path: str | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read training config {path} ({str(err).splitlines()[0]}); give a YAML file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of training settings")
+    return dict(data.get("train", data))
+
+
+@click.command()
+@click.option("--images", "images", multiple=True, required=True, help="Training rasters (path or quoted glob; repeatable).")
+@click.option("--labels", "labels", multiple=True, required=True, help="Vector labels in any OGR format/CRS (repeatable).")
+@click.option("-o", "--output", required=True, help="Best checkpoint (.pt); OUTPUT.last.pt and OUTPUT.log.jsonl go beside it.")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="YAML of training settings (keys of TrainSettings).")
+@click.option("--arch", help="resnet18_fpn (CPU-friendly, default), resnet50_fpn, resnet50_fpn_v2, tiny_fpn.")
+@click.option("--iterations", type=int, help="Optimiser steps in total.")
+@click.option("--epochs", type=int, help="Validation rounds; iterations = epochs x --val-every.")
+@click.option("--val-every", type=int, help="Iterations per epoch (validation and best checkpoint).")
+@click.option("--val-images", multiple=True, help="Validation rasters (held out from training; default: the last area folder).")
+@click.option("--val-labels", multiple=True, help="Validation labels (default: --labels).")
+@click.option("--gsd", "gsd_m", type=float, help="Resample chips to this ground sample distance in metres.")
+@click.option("--native-gsd", is_flag=True, help="Train at the rasters' own resolution (no resampling).")
+@click.option("--chip-size", "chip_size_px", type=int, help="Chip side in pixels (the model's tile size).")
+@click.option("--batch-size", type=int, help="Chips per iteration.")
+@click.option("--lr", type=float, help="Peak learning rate (AdamW).")
+@click.option("--init", help="Start from a geomask checkpoint, or 'coco'/'coco_v2' (torchvision, needs internet once).")
+@click.option("--classes", help="Comma-separated class names (default: building).")
+@click.option("--class-field", help="Label attribute holding the class name.")
+@click.option("--boxes", "boxes_as_ellipses", is_flag=True, default=None, help="Labels are boxes: train on the inscribed ellipse.")
+@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@click.option("--threads", type=int, help="torch CPU threads.")
+@click.option("--max-minutes", type=float, help="Stop cleanly after this many minutes.")
+@click.option("--attribution", help="Credit for the training data (stored in the checkpoint).")
+@click.option("--seed", type=int, help="Random seed.")
+@click.option("--resume", is_flag=True, help="Continue from OUTPUT.last.pt.")
+def train(
+    images: tuple[str, ...],
+    labels: tuple[str, ...],
+    output: str,
+    config_path: str | None,
+    val_images: tuple[str, ...],
+    val_labels: tuple[str, ...],
+    native_gsd: bool,
+    epochs: int | None,
+    resume: bool,
+    classes: str | None,
+    **options: Any,
+) -> None:
+    """Train a Mask R-CNN on rasters and vector labels; write the best checkpoint to --output."""
+    mod = _settings_fields()
+    settings_cls = mod["TrainSettings"]
+    values = _load_yaml(config_path)
+    known = {f.name for f in dataclasses.fields(settings_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown training setting(s) {unknown}; valid: {sorted(known)}")
+    values.update({k: v for k, v in options.items() if v is not None})
+    if native_gsd:
+        values["gsd_m"] = None
+    if classes:
+        values["classes"] = tuple(c.strip() for c in classes.split(",") if c.strip())
+    for key in ("classes", "bands", "scale_jitter"):
+        if isinstance(values.get(key), list):
+            values[key] = tuple(values[key])
+    if epochs is not None:
+        values["iterations"] = epochs * int(values.get("val_every", settings_cls().val_every))
+    try:
+        settings = settings_cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"bad training settings: {err}") from None
+    result = mod["train"](
+        list(images),
+        list(labels),
+        output,
+        settings,
+        val_images=list(val_images) or None,
+        val_labels=list(val_labels) or None,
+        resume=resume,
+        command=shlex.join(["geomask", *sys.argv[1:]]),
+    )
+    best = result.best_metrics.get("val_f1")
+    tail = f", best validation F1 {best:.3f}" if best is not None else ""
+    click.echo(f"{result.iterations} iterations in {result.seconds / 60:.1f} min{tail} -> {result.output}")
