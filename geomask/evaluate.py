@@ -58,6 +58,8 @@ PIECE_FRACTION = 0.5
 CLASS_FIELDS = ("class", "class_id")
 SPAN_BUCKETS: tuple[tuple[str, int, int], ...] = (("1 tile", 1, 1), ("2 tiles", 2, 2), ("3-4 tiles", 3, 4), (">=5 tiles", 5, 1 << 30))
 _AREA_EPS = 1e-9  # relative: areas below this fraction of an object's area are numerical noise
+# IoU of pixel-traced polygons is often exactly 0.5 in pixel units; in map units rounding moves it either way.
+_IOU_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ def match_one_to_one(pairs: Pairs, iou_threshold: float) -> Pairs:
     With IoU ≥ 0.5 the greedy matching is the optimal one: a prediction can overlap at most one truth
     object that much when truth objects do not overlap, and vice versa.
     """
-    cand = np.flatnonzero(pairs.iou >= iou_threshold)
+    cand = np.flatnonzero(pairs.iou >= iou_threshold - _IOU_EPS)
     order = cand[np.lexsort((pairs.truth[cand], pairs.pred[cand], -pairs.iou[cand]))]
     used_p: set[int] = set()
     used_t: set[int] = set()
@@ -310,7 +312,7 @@ def average_precision(pairs: Pairs, scores: FloatArray, n_truth: int, iou_thresh
     n_pred = len(scores)
     if n_pred == 0:
         return 0.0
-    cand = np.flatnonzero(pairs.iou >= iou_threshold)
+    cand = np.flatnonzero(pairs.iou >= iou_threshold - _IOU_EPS)
     by_pred: dict[int, list[tuple[float, int]]] = {}
     for k in cand.tolist():
         by_pred.setdefault(int(pairs.pred[k]), []).append((float(pairs.iou[k]), int(pairs.truth[k])))
@@ -345,7 +347,7 @@ def _coco_ap(pairs: Pairs, scores: FloatArray, n_truth: int) -> tuple[float | No
 
 
 def _pieces_per_truth(pairs: Pairs, n_truth: int) -> npt.NDArray[np.int64]:
-    is_piece = pairs.in_pred >= PIECE_FRACTION
+    is_piece = pairs.in_pred >= PIECE_FRACTION - _IOU_EPS
     return np.bincount(pairs.truth[is_piece], minlength=n_truth).astype(np.int64)
 
 
@@ -439,9 +441,17 @@ def tile_cover(geometry: GeometryArray, tiles: GeometryArray) -> TileCover:
     if n == 0 or len(tiles) == 0:
         return TileCover(span, crosses)
     extent = shapely.union_all(tiles)
-    in_extent = shapely.area(shapely.intersection(geometry, extent))
+    shapely.prepare(extent)
+    shapely.prepare(tiles)
+    area = shapely.area(geometry)
+    # Most objects lie inside the extent and inside the tiles that see them: skip those intersections.
+    in_extent = area.copy()
+    out = np.flatnonzero(~shapely.within(geometry, extent))
+    in_extent[out] = shapely.area(shapely.intersection(geometry[out], extent))
     gi, ti = STRtree(tiles).query(geometry, predicate="intersects")
-    seen = shapely.area(shapely.intersection(geometry[gi], tiles[ti]))
+    seen = area[gi].copy()
+    part = np.flatnonzero(~shapely.within(geometry[gi], tiles[ti]))
+    seen[part] = shapely.area(shapely.intersection(geometry[gi[part]], tiles[ti[part]]))
     tol = _AREA_EPS * in_extent[gi]
     overlap = seen > tol
     span = np.bincount(gi[overlap], minlength=n).astype(np.int64)
@@ -457,9 +467,11 @@ def tile_cover(geometry: GeometryArray, tiles: GeometryArray) -> TileCover:
 
 def _polygonal(geometry: GeometryArray) -> GeometryArray:
     """Make geometries valid and keep their polygonal parts (lines from make_valid are dropped)."""
-    fixed = np.asarray(shapely.make_valid(geometry), dtype=object)
-    bad = shapely.get_type_id(fixed) == 7  # GeometryCollection: keep only its polygons
-    for k in np.flatnonzero(bad).tolist():
+    fixed = np.asarray(geometry, dtype=object).copy()
+    bad = np.flatnonzero(~shapely.is_valid(fixed) & ~shapely.is_missing(fixed))
+    fixed[bad] = shapely.make_valid(fixed[bad])
+    fixed[shapely.is_missing(fixed)] = shapely.Polygon()
+    for k in np.flatnonzero(shapely.get_type_id(fixed) == 7).tolist():  # GeometryCollection: keep only its polygons
         parts = [g for g in shapely.get_parts(fixed[k]) if shapely.get_type_id(g) in (3, 6)]
         fixed[k] = shapely.union_all(parts) if parts else shapely.Polygon()
     return fixed
@@ -502,8 +514,8 @@ def evaluate(
     n_ign_t = n_ign_p = 0
     if ignore is not None and len(ignore):
         regions = _polygonal(np.asarray(ignore, dtype=object))
-        drop_t = inside_fraction(truth.geometry, regions) >= IGNORE_FRACTION
-        drop_p = inside_fraction(pred.geometry, regions) >= IGNORE_FRACTION
+        drop_t = inside_fraction(truth.geometry, regions) >= IGNORE_FRACTION - _IOU_EPS
+        drop_p = inside_fraction(pred.geometry, regions) >= IGNORE_FRACTION - _IOU_EPS
         n_ign_t, n_ign_p = int(drop_t.sum()), int(drop_p.sum())
         truth, pred = truth.take(~drop_t), pred.take(~drop_p)
 
@@ -554,7 +566,7 @@ def _seam_scores(
     p_span, p_cross = p_cover.span.copy(), p_cover.crosses.copy()
     owner = np.full(len(pred), -1, dtype=np.intp)
     best = np.zeros(len(pred))
-    pieces_of = pairs.in_pred >= PIECE_FRACTION
+    pieces_of = pairs.in_pred >= PIECE_FRACTION - _IOU_EPS
     for p, t, frac in zip(pairs.pred[pieces_of].tolist(), pairs.truth[pieces_of].tolist(), pairs.in_pred[pieces_of].tolist(), strict=True):
         if frac > best[p]:
             best[p], owner[p] = frac, t

@@ -193,3 +193,27 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Cap
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("geomask: error:") and len(err.splitlines()) == 1 and str(truth) in err
+
+
+def test_cli_seam_statistics_from_the_raster_tiling(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import rasterio
+
+    transform = Affine(0.5, 0, 500000, 0, -0.5, 5000050)  # 200 x 100 px raster, 100 m x 50 m
+    raster = tmp_path / "scene.tif"
+    with rasterio.open(
+        raster, "w", driver="GTiff", width=200, height=100, count=1, dtype="uint8", crs="EPSG:32633", transform=transform
+    ) as dst:
+        dst.write(np.zeros((1, 100, 200), dtype="uint8"))
+    # Pixel boxes → map: one object inside tile 0 only, one across the seam at column ~100 (tiles 0..120, 80..200).
+    px = [box(10, 10, 30, 30), box(90, 40, 130, 60)]
+    matrix = [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f]
+    geoms = [shapely.affinity.affine_transform(g, matrix) for g in px]
+    truth, pred = tmp_path / "truth.gpkg", tmp_path / "pred.fgb"
+    gpd.GeoDataFrame(geometry=geoms, crs=32633).to_file(truth)
+    gpd.GeoDataFrame({"score": [0.9, 0.8]}, geometry=geoms, crs=32633).to_file(pred)
+    out = tmp_path / "s.json"
+    main(["evaluate", str(pred), str(truth), "--tiles-from", str(raster), "--tile-size", "120", "--overlap", "40", "--json", str(out)])
+    assert "crosses a tile edge" in capsys.readouterr().out
+    seams = {s["name"]: s for s in json.loads(out.read_text())["seams"]}
+    assert seams["inside one tile"]["n_truth"] == 1 and seams["crosses a tile edge"]["tp"] == 1
+    assert seams["seen by 2 tiles"]["n_truth"] == 1
