@@ -162,3 +162,50 @@ def test_resume_refuses_a_changed_config_or_model(client: Client, scenes: list[t
     cfg = merge_overrides(load_config(config), {"merge.ios_threshold": 0.3})
     fresh = run_job(client, [image], plan_outputs(str(tmp_path / "o.gpkg"), [image]), cfg, open_run_dir(run_dir, [image], cfg, fresh=True))
     assert fresh.tasks_computed == 16
+
+
+def test_task_results_round_trip_exactly_through_the_run_dir(tmp_path: Path) -> None:
+    import numpy as np
+    from shapely.geometry import MultiPolygon, box
+
+    from geomask.instances import Instance
+    from geomask.vectorize import Feature
+    from workflows.store import decode_result, encode_result
+    from workflows.tasks import BlockResult, Failure
+
+    rng = np.random.default_rng(0)
+    feats = [Feature(MultiPolygon([box(500_000.1, 5e6, 500_003.7, 5e6 + 2.9)]), 1, 0.123456789, 10.4399999, 13.2)]
+    insts = [Instance(5, 7, rng.random((h, w)) > 0.5, float(rng.random()), 2, 9) for h, w in [(1, 1), (3, 17), (40, 9)]]
+    result = BlockResult(feats, insts, 4, 1, 12, [Failure("a.tif", "L0-r0-c0", 3, "read", "boom")], 0.5)
+    back = decode_result(encode_result(result))
+    assert [(f.geometry.wkb, f.class_id, f.score, f.area_m2, f.perim_m) for f in back.features] == [
+        (f.geometry.wkb, f.class_id, f.score, f.area_m2, f.perim_m) for f in feats
+    ]
+    for a, b in zip(back.open, insts, strict=True):
+        assert (a.row_off, a.col_off, a.score, a.class_id, a.tile_id) == (b.row_off, b.col_off, b.score, b.class_id, b.tile_id)
+        assert np.array_equal(a.mask, b.mask)
+    assert (back.n_tiles, back.n_skipped, back.n_instances, back.failures, back.seconds) == (4, 1, 12, result.failures, 0.5)
+    empty = decode_result(encode_result(BlockResult()))
+    assert empty.features == [] and empty.open == []
+
+
+def test_inputs_from_paths_globs_and_list_files(tmp_path: Path) -> None:
+    from geomask.errors import ExportError, RasterReadError
+    from workflows.inputs import expand_inputs
+
+    for name in ("a.tif", "b.tif", "sub/c.tif"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "list.txt").write_text("# comment\n\nsub/c.tif\na.tif\n")
+    got = expand_inputs([str(tmp_path / "*.tif"), str(tmp_path / "list.txt")])
+    assert [p.name for p in got] == ["a.tif", "b.tif", "c.tif"]
+    with pytest.raises(RasterReadError, match="no file matches"):
+        expand_inputs([str(tmp_path / "*.jp2")])
+    with pytest.raises(RasterReadError, match="does not exist"):
+        expand_inputs([str(tmp_path / "missing.tif")])
+    layout = plan_outputs(str(tmp_path / "out") + "/", got, "geojson")
+    assert layout.per_input is not None and layout.per_input[got[2]] == tmp_path / "out" / "c.geojson"
+    (tmp_path / "sub" / "a.tif").write_bytes(b"")
+    with pytest.raises(ExportError, match="would both write"):
+        plan_outputs(str(tmp_path / "out"), [got[0], tmp_path / "sub" / "a.tif"])
+    assert plan_outputs(str(tmp_path / "one.gpkg"), got).combined == tmp_path / "one.gpkg"

@@ -89,9 +89,14 @@ def test_tree_shape() -> None:
     tiles = plan_tiles(3000, 2000, 256, 32)
     tree = BlockTree(tiles, 4)
     assert sorted(i for b in tree.tasks for i in tree.tile_indexes(b)) == [t.index for t in tiles]
+    assert all(tiles[i].row in b.rows and tiles[i].col in b.cols for b in tree.tasks for i in tree.tile_indexes(b))
+    for level in tree.levels:
+        for block in level:
+            assert tree.exclusive(block) == block_exclusive_window(tiles, block.rows, block.cols)
     for level in tree.levels[1:]:
         for block in level:
             kids = tree.children(block)
+            assert all(tree.parent(k) == block for k in kids)
             assert 1 <= len(kids) <= 4
             assert sorted(i for k in kids for i in tree.tile_indexes(k)) == tree.tile_indexes(block)
     assert tree.parent(tree.root) is None

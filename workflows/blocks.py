@@ -68,14 +68,18 @@ class BlockTree:
         self.tiles = list(tiles)
         self.n_rows = max(t.row for t in self.tiles) + 1
         self.n_cols = max(t.col for t in self.tiles) + 1
+        # Column 0 and row 0 carry every row's and column's extent: enough for block_exclusive_window, in O(rows + cols).
+        self._edges = [t for t in self.tiles if t.col == 0 or t.row == 0]
         self.task_rows, self.task_cols = task_shape(tiles_per_task)
-        self.levels: list[list[Block]] = [self._level(0)]
-        while len(self.levels[-1]) > 1:
+        self.shapes: list[tuple[int, int]] = []
+        self.levels: list[list[Block]] = []
+        while not self.levels or len(self.levels[-1]) > 1:
             self.levels.append(self._level(len(self.levels)))
 
     def _level(self, level: int) -> list[Block]:
         span_r = self.task_rows * FAN_IN**level
         span_c = self.task_cols * FAN_IN**level
+        self.shapes.append((math.ceil(self.n_rows / span_r), math.ceil(self.n_cols / span_c)))
         return [
             Block(level, i, j, range(r, min(r + span_r, self.n_rows)), range(c, min(c + span_c, self.n_cols)))
             for i, r in enumerate(range(0, self.n_rows, span_r))
@@ -91,26 +95,31 @@ class BlockTree:
     def root(self) -> Block:
         return self.levels[-1][0]
 
+    def _at(self, level: int, row: int, col: int) -> Block:
+        return self.levels[level][row * self.shapes[level][1] + col]
+
     def parent(self, block: Block) -> Block | None:
         """Return the block one level up that contains ``block`` (``None`` for the root)."""
         if block.level + 1 >= len(self.levels):
             return None
-        n_cols_up = math.ceil(len(range(0, self.n_cols, self.task_cols * FAN_IN**block.level)) / FAN_IN)
-        return self.levels[block.level + 1][(block.row // FAN_IN) * n_cols_up + block.col // FAN_IN]
+        return self._at(block.level + 1, block.row // FAN_IN, block.col // FAN_IN)
 
     def children(self, block: Block) -> list[Block]:
         """Return the blocks one level down inside ``block`` (none for a detect task)."""
         if block.level == 0:
             return []
-        return [b for b in self.levels[block.level - 1] if self.parent(b) == block]
+        n_r, n_c = self.shapes[block.level - 1]
+        rows = range(block.row * FAN_IN, min((block.row + 1) * FAN_IN, n_r))
+        cols = range(block.col * FAN_IN, min((block.col + 1) * FAN_IN, n_c))
+        return [self._at(block.level - 1, r, c) for r in rows for c in cols]
 
     def tile_indexes(self, block: Block) -> list[int]:
-        """Return the indexes of the tiles a block covers, in row-major order."""
-        return [t.index for t in self.tiles if t.row in block.rows and t.col in block.cols]
+        """Return the indexes of the tiles a block covers, in row-major order (tiles are planned row-major)."""
+        return [r * self.n_cols + c for r in block.rows for c in block.cols]
 
     def exclusive(self, block: Block) -> Window | None:
         """Return the pixels no tile outside ``block`` reads (see :func:`geomask.merge.block_exclusive_window`)."""
-        return block_exclusive_window(self.tiles, block.rows, block.cols)
+        return block_exclusive_window(self._edges, block.rows, block.cols)
 
 
 def merge_by_tree(instances: Iterable[Instance], tree: BlockTree, ios_threshold: float) -> list[Instance]:

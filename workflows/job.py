@@ -313,6 +313,14 @@ class _Job:
             except Exception as err:  # noqa: BLE001 - recorded in the failure ledger, the job goes on
                 result = self._failed(inp, block, err)
             fut.release()
+            log.debug(
+                "%s %s: %.2f s in the task, %d features, %d open",
+                inp.path.name,
+                block.key,
+                result.seconds,
+                len(result.features),
+                len(result.open),
+            )
             self._deliver(inp, block, result, computed=True)
             self._top_up(cap)
         self.progress.log()
