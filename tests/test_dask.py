@@ -209,3 +209,22 @@ def test_inputs_from_paths_globs_and_list_files(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="would both write"):
         plan_outputs(str(tmp_path / "out"), [got[0], tmp_path / "sub" / "a.tif"])
     assert plan_outputs(str(tmp_path / "one.gpkg"), got).combined == tmp_path / "one.gpkg"
+
+
+def test_gpu_tasks_need_workers_that_offer_a_gpu(
+    client: Client, scenes: list[tuple[Path, Path]], reference: list[list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    from workflows.cluster import ClusterError, check_resources
+
+    image, labels = scenes[0]
+    cfg = merge_overrides(load_config(write_config(tmp_path / "c.yaml", labels)), {"dask.gpu": True})
+    with pytest.raises(ClusterError, match="no worker offers resources GPU"):
+        check_resources(client, cfg.dask)
+    # a worker announcing GPU=1 runs the tagged tasks (the "GPU" is a label for the scheduler; no device is touched)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0", resources={"GPU": 1}) as cluster,
+        Client(cluster) as gpu_client,
+    ):
+        check_resources(gpu_client, cfg.dask)
+        run_job(gpu_client, [image], plan_outputs(str(tmp_path / "gpu.gpkg"), [image]), cfg)
+    assert polygons(tmp_path / "gpu.gpkg") == reference[0]

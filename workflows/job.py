@@ -25,7 +25,7 @@ import pandas as pd
 from distributed import Client, Future, as_completed
 
 from geomask.config import Config, dump_config
-from geomask.errors import ExportError
+from geomask.errors import DetectorError, ExportError
 from geomask.export import to_frame, write_frame, write_text_atomic
 from geomask.pipeline import RasterPlan, config_sidecar, new_run_id, plan_raster, resolve_config
 from geomask.vectorize import Feature, sort_features
@@ -290,6 +290,8 @@ class _Job:
         t0 = time.perf_counter()
         describe = self.client.submit(describe_detector, self.plugin_name, key=f"describe-{self.run_id}", retries=self.retries)
         self.info: DetectorInfo = describe.result()
+        if self.info.error is not None:
+            raise DetectorError(self.info.error)
         inputs = self._plan(self.info)
         total_tiles = sum(len(inp.plan.tiles) for inp in inputs)
         self.summary.tasks_total = sum(len(inp.tree.tasks) for inp in inputs)

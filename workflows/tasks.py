@@ -81,11 +81,15 @@ class BlockResult:
 
 @dataclass(frozen=True)
 class DetectorInfo:
-    """What the driver needs to know about the detector without building it (name, classes, hints)."""
+    """What the driver needs to know about the detector without building it (name, classes, hints).
+
+    ``error`` is the one-line reason the worker could not build it (the driver raises it), else ``None``.
+    """
 
     name: str
     classes: tuple[str, ...]
     hints: ModelHints
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -130,15 +134,20 @@ class DetectorPlugin(WorkerPlugin):
         self.options = dict(options)
         self.detector: Detector | None = None
         self.lock: threading.Lock | None = None
+        self.error: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"factory": self.factory, "options": self.options, "detector": None, "lock": None}
+        return {"factory": self.factory, "options": self.options, "detector": None, "lock": None, "error": None}
 
     def setup(self, worker: Any) -> None:
         # Masks are traced in pixel space on purpose (see geomask.vectorize); rasterio's warning about it is noise.
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
         self.lock = threading.Lock()
-        self.detector = load_detector(self.factory, self.options)
+        try:
+            self.detector = load_detector(self.factory, self.options)
+        except GeomaskError as err:  # handed to the driver by describe_detector: one line, no worker traceback
+            self.error = str(err)
+            return
         log.info("worker %s: detector %s ready", getattr(worker, "address", "?"), self.detector.name)
 
     def teardown(self, worker: Any) -> None:
@@ -147,13 +156,18 @@ class DetectorPlugin(WorkerPlugin):
 
 def _plugin(name: str) -> DetectorPlugin:
     plugin = get_worker().plugins.get(name)
-    if not isinstance(plugin, DetectorPlugin) or plugin.detector is None or plugin.lock is None:
+    if not isinstance(plugin, DetectorPlugin):
         raise RuntimeError(f"worker has no detector plugin {name!r}; it must be registered before tasks run")
+    if plugin.detector is None or plugin.lock is None:
+        raise DetectorError(plugin.error or f"detector plugin {name!r} was not set up on this worker")
     return plugin
 
 
 def describe_detector(plugin_name: str) -> DetectorInfo:
     """Return the worker's detector name, classes and hints (the driver never builds the model)."""
+    plugin = get_worker().plugins.get(plugin_name)
+    if isinstance(plugin, DetectorPlugin) and plugin.error is not None:
+        return DetectorInfo("", (), ModelHints(), plugin.error)
     det = _plugin(plugin_name).detector
     assert det is not None  # checked by _plugin
     return DetectorInfo(det.name, tuple(det.classes), det.hints)
