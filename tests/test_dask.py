@@ -228,3 +228,13 @@ def test_gpu_tasks_need_workers_that_offer_a_gpu(
         check_resources(gpu_client, cfg.dask)
         run_job(gpu_client, [image], plan_outputs(str(tmp_path / "gpu.gpkg"), [image]), cfg)
     assert polygons(tmp_path / "gpu.gpkg") == reference[0]
+
+
+def test_a_detector_that_cannot_be_built_is_one_line_for_the_user(client: Client, scenes: list[tuple[Path, Path]], tmp_path: Path) -> None:
+    from geomask.errors import DetectorError
+
+    image, labels = scenes[0]
+    config = write_config(tmp_path / "c.yaml", labels, "tests.test_dask_support:broken_detector")
+    with pytest.raises(DetectorError, match=r"^detector factory tests.test_dask_support:broken_detector failed on a worker: CUDA error"):
+        _run(client, image, config, tmp_path / "o.gpkg")
+    assert not (tmp_path / "o.gpkg").exists()

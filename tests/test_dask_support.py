@@ -41,6 +41,11 @@ def slow_truth(labels: str, delay_s: float = 0.0, fail_tiles: Sequence[int] = ()
     return SlowTruth(labels, delay_s, fail_tiles, fail_while)
 
 
+def broken_detector(labels: str) -> SlowTruth:
+    """A factory that fails the way a model does when its weights or device are missing."""
+    raise RuntimeError(f"CUDA error: no device for {Path(labels).name}")
+
+
 SLOW = "tests.test_dask_support:slow_truth"
 
 # -- helpers shared by test_dask.py and test_cli_cluster.py ------------------------------------------

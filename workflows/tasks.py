@@ -145,8 +145,9 @@ class DetectorPlugin(WorkerPlugin):
         self.lock = threading.Lock()
         try:
             self.detector = load_detector(self.factory, self.options)
-        except GeomaskError as err:  # handed to the driver by describe_detector: one line, no worker traceback
-            self.error = str(err)
+        except Exception as err:  # noqa: BLE001 - handed to the driver by describe_detector: one line, no worker traceback
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.error = first if isinstance(err, GeomaskError) else f"detector factory {self.factory} failed on a worker: {first}"
             return
         log.info("worker %s: detector %s ready", getattr(worker, "address", "?"), self.detector.name)
 
