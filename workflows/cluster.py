@@ -76,6 +76,8 @@ def connect(cfg: DaskConfig) -> Iterator[Client]:
             check_resources(client, cfg)
             yield client
         return
+    if cfg.n_workers is not None:
+        log.warning("dask.n_workers (--workers) sizes a local cluster only; the cluster at %s is used as it is", cfg.address)
     try:
         client = cast(Client, cast(Any, Client)(cfg.address, timeout="20s"))
     except (OSError, TimeoutError) as err:

@@ -227,8 +227,11 @@ class RunStore:
     def save(self, input_id: int, block_key: str, result: BlockResult) -> None:
         """Store a finished block's result atomically."""
         path = self._path(input_id, block_key)
-        path.parent.mkdir(exist_ok=True)
-        _write_atomic(path, encode_result(result))
+        try:
+            path.parent.mkdir(exist_ok=True)
+            _write_atomic(path, encode_result(result))
+        except OSError as err:
+            raise RunDirError(f"cannot write {path} ({err.strerror or err}); free some space or choose another --run-dir") from None
 
     def write_json(self, name: str, data: object) -> Path:
         """Write a small JSON file (the last run's summary) into the run folder atomically."""
