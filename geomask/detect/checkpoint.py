@@ -154,6 +154,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        if "Unsupported global" not in str(err):  # garbage, not objects: torch reports both as unpickling errors
+            raise WeightsError(
+                f"{p} is not a readable PyTorch checkpoint ({_first_line(err)}); it may be truncated or not a .pt file"
+            ) from None
         raise WeightsError(
             f"{p} holds pickled Python objects, which geomask refuses to load ({_first_line(err)}); save a plain state dict instead"
         ) from None

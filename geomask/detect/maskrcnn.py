@@ -85,7 +85,14 @@ def _resnet18_fpn(common: dict[str, Any], channels: int) -> MaskRCNN:
 
 def _tiny_fpn(common: dict[str, Any]) -> MaskRCNN:
     def stage(cin: int, cout: int) -> nn.Sequential:
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
 
     body = nn.Sequential(
         OrderedDict(stem=stage(3, 16), layer1=stage(16, 16), layer2=stage(16, 32), layer3=stage(32, 64), layer4=stage(64, 64))

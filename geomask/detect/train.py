@@ -371,28 +371,53 @@ def validation_chips(reader: ChipReader) -> list[Chip]:
 
 
 def match_f1(
-    pred_masks: Sequence[BoolArray], pred_scores: Sequence[float], true_masks: Sequence[BoolArray], iou: float = 0.5
+    pred_masks: Sequence[BoolArray],
+    pred_scores: Sequence[float],
+    true_masks: Sequence[BoolArray],
+    iou: float = 0.5,
+    ignore_true: Sequence[bool] | None = None,
+    ignore_pred: Sequence[bool] | None = None,
 ) -> tuple[int, int, int]:
-    """Match predictions to truth one-to-one at mask IoU ≥ ``iou`` (greedy by score): ``(tp, fp, fn)``."""
-    if not pred_masks or not true_masks:
-        return 0, len(pred_masks), len(true_masks)
+    """Match predictions to truth one-to-one at mask IoU ≥ ``iou``, greedy by score: ``(tp, fp, fn)``.
+
+    Ignored truths (e.g. objects cut by the chip edge) count neither as misses nor, when matched, as
+    hits; an ignored prediction that matches no counted truth is not a false positive.
+    """
+    ign_t = np.zeros(len(true_masks), dtype=bool) if ignore_true is None else np.asarray(ignore_true, dtype=bool)
+    ign_p = np.zeros(len(pred_masks), dtype=bool) if ignore_pred is None else np.asarray(ignore_pred, dtype=bool)
+    if not pred_masks:
+        return 0, 0, int((~ign_t).sum())
+    if not true_masks:
+        return 0, int((~ign_p).sum()), 0
     p = np.stack([m.ravel() for m in pred_masks]).astype(np.float32)
     t = np.stack([m.ravel() for m in true_masks]).astype(np.float32)
     inter = p @ t.T
     union = p.sum(1)[:, None] + t.sum(1)[None, :] - inter
     ious = inter / np.maximum(union, 1.0)
     matched = np.zeros(len(true_masks), dtype=bool)
-    tp = 0
+    tp = fp = 0
     for i in np.argsort(-np.asarray(pred_scores), kind="stable"):
         cand = np.where(~matched & (ious[i] >= iou))[0]
         if cand.size:
-            matched[cand[np.argmax(ious[i, cand])]] = True
-            tp += 1
-    return tp, len(pred_masks) - tp, len(true_masks) - tp
+            j = cand[np.argmax(ious[i, cand])]
+            matched[j] = True
+            tp += int(not ign_t[j])
+        elif not ign_p[i]:
+            fp += 1
+    return tp, fp, int((~matched & ~ign_t).sum())
+
+
+def touches_edge(mask: BoolArray) -> bool:
+    """Return whether a chip-sized mask reaches the chip's border (the object may be cut there)."""
+    return bool(mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
 def evaluate_chips(detector: MaskRCNNDetector, chips: Sequence[Chip], batch_size: int) -> dict[str, float]:
-    """Score ``detector`` on chips: precision, recall and F1 at mask IoU 0.5, summed over chips."""
+    """Score ``detector`` on chips: precision, recall and F1 at mask IoU 0.5, summed over chips.
+
+    Objects touching a chip's border are ignored (neither hit, miss nor false positive), as the
+    ``*_labels_edge`` layers of the buildings data are: a cut object's fragment is no fair target.
+    """
     tp = fp = fn = 0
     for start in range(0, len(chips), batch_size):
         part = chips[start : start + batch_size]
@@ -405,7 +430,10 @@ def evaluate_chips(detector: MaskRCNNDetector, chips: Sequence[Chip], batch_size
                 full = np.zeros(chip.valid.shape, dtype=bool)
                 full[inst.row_off : inst.row_off + inst.height, inst.col_off : inst.col_off + inst.width] = inst.mask
                 pm.append(full & chip.valid)
-            a, b, c = match_f1(pm, [i.score for i in found], chip.masks)
+            # Objects cut by the chip edge are scored on the chip they lie in wholly, if any: ignore them here.
+            a, b, c = match_f1(
+                pm, [i.score for i in found], chip.masks, 0.5, [touches_edge(m) for m in chip.masks], [touches_edge(m) for m in pm]
+            )
             tp, fp, fn = tp + a, fp + b, fn + c
     precision = tp / max(1, tp + fp)
     recall = tp / max(1, tp + fn)
