@@ -217,3 +217,10 @@ def test_cli_seam_statistics_from_the_raster_tiling(tmp_path: Path, capsys: pyte
     seams = {s["name"]: s for s in json.loads(out.read_text())["seams"]}
     assert seams["inside one tile"]["n_truth"] == 1 and seams["crosses a tile edge"]["tp"] == 1
     assert seams["seen by 2 tiles"]["n_truth"] == 1
+
+
+def test_null_geometries_in_a_layer_are_skipped() -> None:
+    truth = gpd.GeoDataFrame(geometry=TRUTH, crs=32633)
+    pred = gpd.GeoDataFrame({"score": [0.9, 0.8, 0.7, 0.6]}, geometry=[*TRUTH, None], crs=32633)
+    ev = evaluate_frames(pred, truth)
+    assert (ev.overall.n_pred, ev.overall.tp, ev.overall.f1) == (3, 3, 1.0)
