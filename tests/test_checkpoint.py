@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from geomask.detect.base import load_detector
-from geomask.detect.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from geomask.detect.checkpoint import CheckpointMeta, export_half, load_checkpoint, save_checkpoint
 from geomask.detect.maskrcnn import BUNDLED_MODEL, MODELS_DIR, build, build_model
 from geomask.errors import DetectorError, WeightsError
 
@@ -56,6 +56,13 @@ def test_half_precision_and_train_state(tmp_path: Path) -> None:
     assert all(v.dtype == torch.float16 for v in ckpt.state_dict.values() if v.is_floating_point())
     det = build(str(path), device="cpu")  # fp16 weights load into a float32 model
     assert next(det.model.parameters()).dtype == torch.float32
+
+
+def test_export_half(tiny_ckpt: Path, tmp_path: Path) -> None:
+    out = export_half(tiny_ckpt, tmp_path / "small.pt", metrics={"val_f1": 0.9})
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta is not None and ckpt.meta.metrics == {"val_f1": 0.9} and ckpt.meta.arch == "tiny_fpn"
+    assert out.stat().st_size < 0.6 * tiny_ckpt.stat().st_size
 
 
 def test_missing_file(tmp_path: Path) -> None:

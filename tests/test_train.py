@@ -6,6 +6,7 @@ architecture, 128-px chips), so the whole file runs in well under a minute on tw
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from geomask.config import config_from_dict
 from geomask.detect.checkpoint import load_checkpoint
 from geomask.detect.maskrcnn import build
 from geomask.detect.train import ChipReader, TrainSettings, augment, chip_target, match_f1, open_rasters, touches_edge, train
-from geomask.errors import ConfigError, LabelError
+from geomask.errors import ConfigError, LabelError, WeightsError
 from geomask.pipeline import predict_raster
 
 CRS = "EPSG:32633"
@@ -159,3 +160,18 @@ def test_bad_settings_and_labels(tmp_path: Path) -> None:
         train([str(image)], [str(tmp_path / "nope*.geojson")], tmp_path / "m.pt", TrainSettings(arch="tiny_fpn"))
     with pytest.raises(ConfigError, match="validation"):
         train([str(image)], [str(labels)], tmp_path / "m.pt", TrainSettings(arch="tiny_fpn"), val_images=[str(image)])
+
+
+def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
+    image, labels, _ = square_scene(tmp_path, "r", 5, size=160, n=6)
+    short = dataclasses.replace(SETTINGS, iterations=4, val_every=2, log_every=1, batch_size=2, rois_per_image=32)
+    out = tmp_path / "r.pt"
+    train([str(image)], [str(labels)], out, dataclasses.replace(short, iterations=2))
+    state = load_checkpoint(out.with_name("r.pt.last.pt")).train_state
+    assert state is not None and state["iteration"] == 2
+    result = train([str(image)], [str(labels)], out, short, resume=True)
+    assert result.iterations == 4
+    log = [json.loads(line) for line in out.with_name("r.pt.log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log if "loss" in r] == [1, 2, 3, 4]
+    with pytest.raises(WeightsError, match="was trained as 'tiny_fpn'"):
+        train([str(image)], [str(labels)], out, dataclasses.replace(short, arch="resnet18_fpn"), resume=True)

@@ -213,3 +213,16 @@ def _first_line(err: BaseException) -> str:
         if "Unsupported global" in line:
             return line.strip().split(" was not", 1)[0][:200]
     return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def export_half(source: str | Path, destination: str | Path, metrics: dict[str, float] | None = None) -> Path:
+    """Write an inference-only copy of a checkpoint: float16 weights, no optimizer state.
+
+    Halves the file (the bundled model ships this way); weights are cast back to float32 on load.
+    ``metrics`` replace the stored validation metrics (e.g. with those measured on full rasters).
+    """
+    ckpt = load_checkpoint(source)
+    if ckpt.meta is None:
+        raise WeightsError(f"{source} is a plain state dict without metadata; only geomask checkpoints can be exported")
+    meta = ckpt.meta if metrics is None else CheckpointMeta(**{**ckpt.meta.__dict__, "metrics": dict(metrics)})
+    return save_checkpoint(destination, meta, ckpt.state_dict, half=True)

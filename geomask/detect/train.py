@@ -84,6 +84,9 @@ class TrainSettings:
         init: Start from a geomask checkpoint path, ``coco``/``coco_v2`` (torchvision COCO, heads
             replaced for our classes), or ``None`` (from scratch).
         attribution: Credit for the training data, stored in the checkpoint.
+        rois_per_image: RoIs sampled per chip for the box and mask heads (``None``: the architecture's).
+            On CPU the mask head's cost grows with it and dominates an iteration; halving it nearly
+            halves the time per iteration at little cost in accuracy.
         val_score_threshold: Score threshold for validation F1.
         log_every: Iterations between loss log lines.
     """
@@ -112,6 +115,7 @@ class TrainSettings:
     threads: int | None = None
     seed: int = 0
     init: str | None = None
+    rois_per_image: int | None = None
     attribution: str = ""
     val_score_threshold: float = 0.5
     log_every: int = 10
@@ -122,6 +126,8 @@ class TrainSettings:
             raise ConfigError(f"unknown architecture {self.arch!r}; use one of {list(ARCHS)}")
         if self.chip_size_px < 32 or self.chip_size_px % 32:
             raise ConfigError(f"chip_size_px must be a multiple of 32 and at least 32, got {self.chip_size_px}")
+        if self.rois_per_image is not None and self.rois_per_image < 8:
+            raise ConfigError(f"rois_per_image must be at least 8, got {self.rois_per_image}")
         for name in ("batch_size", "iterations", "val_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -536,6 +542,8 @@ def train(
     n_classes = len(classes)
 
     model = build_model(settings.arch, n_classes, settings.chip_size_px)
+    if settings.rois_per_image is not None:
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = settings.rois_per_image
     model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay)
     start_it, best_f1, elapsed0 = 0, -1.0, 0.0
@@ -666,7 +674,7 @@ def train(
                 record = {"iteration": it, "seconds": round(seconds, 1), "lr": settings.lr * factor, "loss": float(np.mean(window))}
                 record.update({k: round(float(v.detach()), 4) for k, v in losses.items()})
                 logger.write(record)
-                log.info("it %d  loss %.3f  (%.2f it/s)", it, record["loss"], it / max(1e-9, seconds) if start_it == 0 else 0.0)
+                log.info("it %d  loss %.3f  (%.3f it/s)", it, record["loss"], (it - start_it) / max(1e-9, now - t_start))
                 window = []
             stop = deadline is not None and now >= deadline
             if it % settings.val_every == 0 or it == settings.iterations or stop:

@@ -51,6 +51,7 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
 @click.option("--chip-size", "chip_size_px", type=int, help="Chip side in pixels (the model's tile size).")
 @click.option("--batch-size", type=int, help="Chips per iteration.")
 @click.option("--lr", type=float, help="Peak learning rate (AdamW).")
+@click.option("--rois-per-image", type=int, help="RoIs per chip for the box/mask heads (fewer: faster on CPU).")
 @click.option("--init", help="Start from a geomask checkpoint, or 'coco'/'coco_v2' (torchvision, needs internet once).")
 @click.option("--classes", help="Comma-separated class names (default: building).")
 @click.option("--class-field", help="Label attribute holding the class name.")
