@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
 
+import dask
 from distributed import Client, LocalCluster
 
 from geomask.config import DaskConfig
@@ -42,17 +43,21 @@ def _local_cluster(cfg: DaskConfig) -> LocalCluster:
     resources = {"GPU": 1} if cfg.gpu else None
     n = local_workers(cfg)
     log.info("starting a local Dask cluster: %d worker process(es) x %d thread(s)", n, cfg.threads_per_worker)
-    return cast(
-        "LocalCluster",
-        cast(Any, LocalCluster)(
-            n_workers=n,
-            threads_per_worker=cfg.threads_per_worker,
-            processes=True,
-            memory_limit=cfg.memory_limit,
-            dashboard_address=":0",  # the scheduler's HTTP server runs anyway; a free port never collides
-            resources=resources,
-        ),
-    )
+    # The workers' statistical profiler samples every thread every 10 ms; with a detector that holds the GIL
+    # (Python-heavy pre/post-processing) it cost ~20% of the job (bench/results/dask.md). It only feeds the
+    # dashboard's profile page, so the clusters geomask starts go without it (the nannies pass this on).
+    with dask.config.set({"distributed.worker.profile.enabled": False}):
+        return cast(
+            "LocalCluster",
+            cast(Any, LocalCluster)(
+                n_workers=n,
+                threads_per_worker=cfg.threads_per_worker,
+                processes=True,
+                memory_limit=cfg.memory_limit,
+                dashboard_address=":0",  # the scheduler's HTTP server runs anyway; a free port never collides
+                resources=resources,
+            ),
+        )
 
 
 def check_resources(client: Client, cfg: DaskConfig) -> None:
