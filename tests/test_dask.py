@@ -154,6 +154,13 @@ def test_resume_refuses_a_changed_config_or_model(client: Client, scenes: list[t
     _run(client, image, config, tmp_path / "o.gpkg", run_dir)
     again = _run(client, image, config, tmp_path / "o.gpkg", run_dir)
     assert (again.tasks_computed, again.tasks_loaded, again.merges_computed) == (0, 16, 0)
+    # a damaged and a lost result (their parent merges are stored) are computed again, nothing else
+    results = run_dir / "results" / "00000"
+    (results / "L0-r0-c0.npz").write_bytes(b"not an npz")
+    (results / "L0-r3-c3.npz").unlink()
+    repaired = _run(client, image, config, tmp_path / "r.gpkg", run_dir)
+    assert (repaired.tasks_computed, repaired.tasks_loaded, repaired.merges_computed) == (2, 14, 0)
+    assert polygons(tmp_path / "r.gpkg") == polygons(tmp_path / "o.gpkg")
     with pytest.raises(ConfigError, match=r"another config .*use a new --run-dir or add --fresh"):
         _run(client, image, config, tmp_path / "o.gpkg", run_dir, **{"merge.ios_threshold": 0.3})
     other_labels = scenes[1][1]

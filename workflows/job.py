@@ -223,7 +223,8 @@ class _Job:
     def _deliver(self, inp: _Input, block: Block, result: BlockResult, computed: bool) -> None:
         """Take in one block's result: store it, count it, and start the parent merge once its last child is in."""
         children = inp.tree.children(block)
-        complete = not result.failures and all(inp.complete[c] for c in children)
+        # A stored result is complete by construction (only complete ones are stored).
+        complete = not result.failures and (not computed or all(inp.complete.get(c, False) for c in children))
         inp.results[block] = result
         inp.complete[block] = complete
         inp.features += result.features

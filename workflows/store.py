@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,7 @@ from geomask.vectorize import Feature
 from workflows.tasks import BlockResult, Failure
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class RunDirError(GeomaskError, OSError):
@@ -222,6 +224,9 @@ class RunStore:
         try:
             return decode_result(path.read_bytes())
         except FileNotFoundError:
+            return None
+        except Exception as err:  # noqa: BLE001 - an unreadable result is redone, not fatal
+            log.warning("%s is unreadable (%s); its task is computed again", path, err)
             return None
 
     def save(self, input_id: int, block_key: str, result: BlockResult) -> None:
