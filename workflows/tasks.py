@@ -28,7 +28,7 @@ from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
 from geomask.errors import DetectorError, GeomaskError
 from geomask.instances import Instance
 from geomask.merge import merge_block, split_private
-from geomask.pipeline import RasterPlan, clean_instances, prefetch, vectorize_plan
+from geomask.pipeline import RasterPlan, clean_instances, prefetch, release_freed_memory, vectorize_plan
 from geomask.raster import RasterReader
 from geomask.tiling import Tile
 from geomask.vectorize import Feature
@@ -251,6 +251,7 @@ def run_detect(task: DetectTask) -> BlockResult:
     result.failures = [Failure(source, task.block.key, i, "read", e) for i, e in read_failures]
     result.failures += [Failure(source, task.block.key, i, "detect", e) for i, e in detect_failures]
     result.seconds = time.perf_counter() - t0
+    release_freed_memory()  # a worker lives for the whole job: hand the task's freed pages back to the OS
     return result
 
 
