@@ -175,3 +175,21 @@ def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
     assert [r["iteration"] for r in log if "loss" in r] == [1, 2, 3, 4]
     with pytest.raises(WeightsError, match="was trained as 'tiny_fpn'"):
         train([str(image)], [str(labels)], out, dataclasses.replace(short, arch="resnet18_fpn"), resume=True)
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from workflows.cli import main
+
+    image, labels, _ = square_scene(tmp_path, "c", 6, size=128, n=4)
+    out = tmp_path / "cli.pt"
+    args = ["train", "--images", str(image), "--labels", str(labels), "-o", str(out), "--arch", "tiny_fpn", "--native-gsd"]
+    main([*args, "--iterations", "2", "--val-every", "2", "--chip-size", "64", "--batch-size", "2", "--threads", "1", "--classes", "sq"])
+    assert "2 iterations" in capsys.readouterr().out
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta is not None and ckpt.meta.classes == ("sq",) and ckpt.meta.gsd_m is None
+    assert ckpt.meta.training["command"].startswith("geomask train --images") and "--arch tiny_fpn" in ckpt.meta.training["command"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  bogus: 1\n")
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "-c", str(bad)])
+    assert exc.value.code == 2 and "unknown training setting(s) ['bogus']" in capsys.readouterr().err

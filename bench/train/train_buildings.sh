@@ -18,7 +18,7 @@ exec .venv/bin/geomask train \
   --val-images "$DATA/area5/*.tif" \
   -o "$OUT/buildings_r18.pt" \
   --arch resnet18_fpn --gsd 0.3 --chip-size 256 --batch-size 4 --rois-per-image 128 --lr 1e-3 \
-  --iterations "${ITERATIONS:-700}" --val-every 100 --max-minutes "${MAX_MINUTES:-100}" \
+  --iterations "${ITERATIONS:-1000}" --val-every 100 --max-minutes "${MAX_MINUTES:-100}" \
   --threads 2 --device cpu --seed 0 \
   --attribution "Imagery: OpenAerialMap contributors (CC BY 4.0). Labels: (c) OpenStreetMap contributors (ODbL 1.0). Via the HOT fAIr training sample (hotosm/fAIr-utilities)." \
   "$@"

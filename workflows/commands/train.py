@@ -6,7 +6,6 @@ import dataclasses
 import importlib
 import logging
 import shlex
-import sys
 from typing import Any
 
 import click
@@ -33,6 +32,22 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of training settings")
     return dict(data.get("train", data))
+
+
+def _command_line(ctx: click.Context) -> str:
+    """Rebuild an equivalent command line from the parsed options (recorded in the checkpoint)."""
+    words = ctx.command_path.split()
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        flag = next((o for o in param.opts if o.startswith("--")), param.opts[0])
+        if value is None or value is False or value == ():
+            continue
+        if value is True:
+            words.append(flag)
+        else:
+            for v in value if isinstance(value, tuple) else (value,):
+                words += [flag, str(v)]
+    return shlex.join(words)
 
 
 @click.command()
@@ -105,7 +120,7 @@ def train(
         val_images=list(val_images) or None,
         val_labels=list(val_labels) or None,
         resume=resume,
-        command=shlex.join(["geomask", *sys.argv[1:]]),
+        command=_command_line(click.get_current_context()),
     )
     best = result.best_metrics.get("val_f1")
     tail = f", best validation F1 {best:.3f}" if best is not None else ""
