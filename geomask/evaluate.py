@@ -575,9 +575,11 @@ def _seam_scores(
     p_span[has] = t_cover.span[owner[has]]
     p_cross[has] = t_cover.crosses[owner[has]]
 
+    # Objects no tile sees (truth beyond the raster) are in no seam group; a row says how many.
+    t_seen, p_seen = t_cover.span > 0, p_span > 0
     rows: list[Scores] = []
     for name, t_sel, p_sel in (
-        ("inside one tile", ~t_cover.crosses, ~p_cross),
+        ("inside one tile", t_seen & ~t_cover.crosses, p_seen & ~p_cross),
         ("crosses a tile edge", t_cover.crosses, p_cross),
     ):
         rows.append(_scores(name, np.flatnonzero(t_sel), np.flatnonzero(p_sel), matches, pieces))
@@ -585,6 +587,8 @@ def _seam_scores(
         t_sel = (t_cover.span >= lo) & (t_cover.span <= hi)
         p_sel = (p_span >= lo) & (p_span <= hi)
         rows.append(_scores(f"seen by {name}", np.flatnonzero(t_sel), np.flatnonzero(p_sel), matches, pieces))
+    if not (t_seen.all() and p_seen.all()):
+        rows.append(_scores("seen by no tile", np.flatnonzero(~t_seen), np.flatnonzero(~p_seen), matches, pieces))
     return tuple(rows)
 
 

@@ -224,3 +224,11 @@ def test_null_geometries_in_a_layer_are_skipped() -> None:
     pred = gpd.GeoDataFrame({"score": [0.9, 0.8, 0.7, 0.6]}, geometry=[*TRUTH, None], crs=32633)
     ev = evaluate_frames(pred, truth)
     assert (ev.overall.n_pred, ev.overall.tp, ev.overall.f1) == (3, 3, 1.0)
+
+
+def test_objects_beyond_the_tiles_are_in_no_seam_group() -> None:
+    tiles = tile_polygons(plan_tiles(100, 50, 60, 20), Affine.identity())
+    ev = run([sq(5, 5)], [sq(5, 5), sq(200, 5)], tiles=tiles)
+    rows = {s.name: s for s in ev.seams}
+    assert rows["inside one tile"].n_truth == 1 and rows["seen by no tile"].n_truth == 1
+    assert rows["seen by no tile"].fn == 1
