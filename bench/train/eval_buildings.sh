@@ -2,17 +2,19 @@
 # Score a buildings model on the held-out area (area5, Nairobi: both blocks) the way users would:
 # `geomask predict` on the full GeoTIFFs (resampled on the fly to the model's GSD), then
 # `geomask evaluate` against the OSM polygons inside each block, block-edge polygons ignored.
-# Usage: bench/train/eval_buildings.sh [MODEL.pt]   (default: the bundled model)
+# Usage: [CONFIG=configs/buildings.yaml] bench/train/eval_buildings.sh [MODEL.pt]   (default: the bundled model)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODEL=${1:-geomask/models/buildings_r18.pt}
 DATA=${DATA:-../shared/data/buildings_fair}
 AREA=${AREA:-area5}
 OUT=${OUT:-runs/eval_$AREA}
+EXTRA=()
+if [ -n "${CONFIG:-}" ]; then EXTRA=(-c "$CONFIG"); fi
 mkdir -p "$OUT"
 for tif in "$DATA/$AREA"/*.tif; do
   name=$(basename "$tif" .tif)
-  .venv/bin/geomask -q predict --serial "$tif" -o "$OUT/$name.gpkg" --weights "$MODEL"
+  .venv/bin/geomask -q predict --serial "$tif" -o "$OUT/$name.gpkg" --weights "$MODEL" "${EXTRA[@]}"
 done
 # One layer per role for the whole area (the blocks do not overlap), so one evaluate call scores it all.
 .venv/bin/python - "$DATA/$AREA" "$OUT" <<'PY'
