@@ -65,6 +65,11 @@ def test_export_half(tiny_ckpt: Path, tmp_path: Path) -> None:
     assert out.stat().st_size < 0.6 * tiny_ckpt.stat().st_size
 
 
+def test_unwritable_destination(tmp_path: Path) -> None:
+    with pytest.raises(WeightsError, match="does not exist; create it first"):
+        save_checkpoint(tmp_path / "no" / "such" / "m.pt", META, {})
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="does not exist"):
         build(str(tmp_path / "nope.pt"))

@@ -3,6 +3,7 @@
 Usage: .venv/bin/python bench/train/bundle_model.py CHECKPOINT [--scores runs/eval_area5/scores.json]
        [-o geomask/models/buildings_r18.pt]
 
+Training-time chip metrics are kept only when they were measured at the checkpoint's own iteration.
 ``--scores`` is the JSON written by ``geomask evaluate --json`` (bench/train/eval_buildings.sh); its
 overall precision/recall/F1/AP are stored as ``heldout_*`` metrics beside the training-time chip metrics.
 """
@@ -24,6 +25,8 @@ def main() -> None:
     args = parser.parse_args()
     meta = load_checkpoint(args.checkpoint).meta
     metrics = dict(meta.metrics) if meta is not None else {}
+    if meta is not None and metrics.get("iteration") != meta.training.get("iterations"):
+        metrics = {}  # chip metrics of another iteration (older .last.pt files stored the best model's): drop them
     if args.scores:
         overall = json.loads(Path(args.scores).read_text())["overall"]
         for key in ("precision", "recall", "f1", "ap", "ap50", "ap75"):

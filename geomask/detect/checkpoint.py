@@ -114,13 +114,15 @@ def save_checkpoint(
     data: dict[str, Any] = {"format": FORMAT, "format_version": FORMAT_VERSION, **_meta_to_dict(meta), "state_dict": weights}
     if train_state is not None:
         data["train_state"] = train_state
+    if not out.parent.is_dir():
+        raise WeightsError(f"cannot write checkpoint {out}: folder {out.parent} does not exist; create it first")
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
         torch.save(data, tmp)
         os.replace(tmp, out)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:  # torch reports write failures as RuntimeError
         tmp.unlink(missing_ok=True)
-        raise WeightsError(f"cannot write checkpoint {out} ({err.strerror or err}); check the directory exists and is writable") from None
+        raise WeightsError(f"cannot write checkpoint {out} ({_first_line(err)}); check the folder is writable and has space") from None
     return out
 
 

@@ -634,7 +634,9 @@ def train(
 
     def save_last(it: int, seconds: float) -> None:
         state = {"optimizer": opt.state_dict(), "iteration": it, "best_f1": best_f1, "elapsed_s": seconds, "best_metrics": best_metrics}
-        save_checkpoint(last_path, meta(best_metrics, it, seconds), model.state_dict(), train_state=state)
+        # The metadata describes *this* model: its latest validation, not the best one's.
+        latest = history[-1] if history and history[-1].get("iteration") == it else {}
+        save_checkpoint(last_path, meta(latest, it, seconds), model.state_dict(), train_state=state)
 
     model.train()
     last_save = time.perf_counter()
