@@ -204,7 +204,7 @@ def dedupe(geoms: npt.NDArray[np.object_], iou: float) -> npt.NDArray[np.intp]:
 
 def window_bounds(transform: Affine, height: int, width: int) -> tuple[float, float, float, float]:
     """Return the CRS bounding box ``(minx, miny, maxx, maxy)`` of a ``height × width`` pixel window."""
-    xs, ys = zip(*(transform * (c, r) for r, c in ((0, 0), (0, width), (height, 0), (height, width))))
+    xs, ys = zip(*(transform @ (c, r) for r, c in ((0, 0), (0, width), (height, 0), (height, width))))
     return (min(xs), min(ys), max(xs), max(ys))
 
 

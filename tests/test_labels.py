@@ -22,7 +22,7 @@ T = Affine(0.5, 0.0, 400_000.0, 0.0, -0.5, 6_000_000.0)  # 0.5 m pixels
 
 def px_box(row: int, col: int, h: int, w: int) -> shapely.Polygon:
     """A polygon covering pixels rows ``row..row+h``, cols ``col..col+w`` of grid ``T`` (map coordinates)."""
-    (x0, y0), (x1, y1) = T * (col, row), T * (col + w, row + h)
+    (x0, y0), (x1, y1) = T @ (col, row), T @ (col + w, row + h)
     return shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 

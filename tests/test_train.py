@@ -32,7 +32,7 @@ def square_scene(directory: Path, name: str, seed: int, size: int = 384, n: int 
     Each seed puts its scene at a different place on the map, so label files of several scenes do
     not overlap each other's rasters. Returns ``(image, labels, squares)``, squares as ``(row, col, side)`` in pixels.
     """
-    transform = TRANSFORM * Affine.translation(seed * 1000, 0)
+    transform = TRANSFORM @ Affine.translation(seed * 1000, 0)
     rng = np.random.default_rng(seed)
     taken = np.zeros((size, size), dtype=bool)
     squares: list[tuple[int, int, int]] = []
@@ -49,7 +49,7 @@ def square_scene(directory: Path, name: str, seed: int, size: int = 384, n: int 
         dst.write(pixels)
     features = []
     for r, c, side in squares:
-        ring = [transform * (x, y) for x, y in ((c, r), (c + side, r), (c + side, r + side), (c, r + side), (c, r))]
+        ring = [transform @ (x, y) for x, y in ((c, r), (c + side, r), (c + side, r + side), (c, r + side), (c, r))]
         features.append({"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}})
     labels = directory / f"{name}.geojson"
     collection = {"type": "FeatureCollection", "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32633"}}}
@@ -116,7 +116,7 @@ def test_trained_model_through_the_pipeline(trained: tuple[Path, Path, list[tupl
     from rasterio.features import rasterize
 
     for f in feats:
-        preds.append(rasterize([f.geometry], out_shape=(384, 384), transform=TRANSFORM * Affine.translation(2000, 0)).astype(bool))
+        preds.append(rasterize([f.geometry], out_shape=(384, 384), transform=TRANSFORM @ Affine.translation(2000, 0)).astype(bool))
     tp, fp, fn = match_f1(preds, [f.score for f in feats], truth)
     f1 = 2 * tp / max(1, 2 * tp + fp + fn)
     assert f1 > 0.8, (tp, fp, fn)

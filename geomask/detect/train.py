@@ -200,7 +200,7 @@ def open_rasters(images: Sequence[str], label_paths: Sequence[str], settings: Tr
             )
         labels = _subset(by_crs[key], window_bounds(grid.transform, grid.height, grid.width))
         inv = ~grid.transform
-        cents = [inv * (c.x, c.y) for c in (g.centroid for g in labels.geoms)]
+        cents = [inv @ (c.x, c.y) for c in (g.centroid for g in labels.geoms)]
         centers = np.asarray([(row, col) for col, row in cents], dtype=np.float64).reshape(-1, 2)
         log.info("%s: %d x %d px at %.3f m, %d labels", path, grid.width, grid.height, grid.gsd_m, len(labels))
         out.append(TrainRaster(info, grid, bands, stats, labels, centers))
@@ -249,7 +249,7 @@ class ChipReader:
         pixels[:, ~valid] = 0.0
         if pixels.shape[0] == 1:
             pixels = np.repeat(pixels, 3, axis=0)
-        transform = grid.transform * Affine.translation(col, row) * Affine.scale(span_w / out_w, span_h / out_h)
+        transform = grid.transform @ Affine.translation(col, row) @ Affine.scale(span_w / out_w, span_h / out_h)
         masks, ids = rasterize_instances(r.labels, transform, out_h, out_w, self.min_area_px)
         chip = Chip(pixels, valid, masks, ids)
         return _pad(chip, self.size) if (out_h, out_w) != (self.size, self.size) else chip
