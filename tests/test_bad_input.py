@@ -144,3 +144,41 @@ def test_console_script_exit_code_is_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "not a readable raster" in proc.stderr
+
+
+@pytest.fixture
+def wrong_weights(tmp_path: Path) -> Path:
+    """A plain state dict of the tiny architecture: it does not fit the default ResNet-50-FPN."""
+    torch = pytest.importorskip("torch")
+    from geomask.detect.maskrcnn import build_model
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny_state.pt"
+    torch.save(build_model("tiny_fpn", 1, 64).state_dict(), path)
+    return path
+
+
+def test_incompatible_weights(tmp_path: Path, scene: tuple[Path, Path], wrong_weights: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "--weights", str(wrong_weights), "--serial"], capsys)
+    assert_clean_failure(code, err, "does not fit architecture 'resnet50_fpn'", tmp_path)
+
+
+def test_incompatible_weights_on_a_dask_cluster(
+    tmp_path: Path, scene: tuple[Path, Path], wrong_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "--weights", str(wrong_weights), "--workers", "1"]
+    code, err = run_cli(args, capsys)
+    # The cluster's own log lines (dashboard link) may precede it; the error itself is one line, from the worker.
+    errors = [ln for ln in err.splitlines() if "error" in ln.lower()]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "does not fit architecture 'resnet50_fpn'" in errors[0]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_weights_that_would_run_code_are_refused(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    torch = pytest.importorskip("torch")
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {}, "payload": Path("x")}, evil)  # a pickled object, not plain data
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "--weights", str(evil), "--serial"], capsys)
+    assert_clean_failure(code, err, str(evil), tmp_path)
+    assert "weights_only" in err or "not plain data" in err or "refus" in err, err
