@@ -12,6 +12,11 @@ The rule (see DESIGN.md):
 3. Each connected group is fused into one instance: inside each member tile's *core* the pixels come
    from that tile's members (the tile that saw the most context around them); elsewhere the union of
    members. Best score wins, and its class.
+4. A border instance linked to nothing whose pixels lie mostly outside its own tile's core is dropped:
+   the tiles whose cores hold those pixels read them with more context and reported nothing that
+   matches (a stray margin fragment, a duplicate or a false positive). A detector that agrees with
+   itself across tiles never triggers this: every pixel outside a tile's core is read by the tile owning
+   it, whose instance there overlaps fully in the shared zone and is linked.
 
 Candidate pairs come from a shapely ``STRtree`` over boxes — never all pairs. Results do not depend on
 input order: groups are connected components and fusion is symmetric.
@@ -56,9 +61,12 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> tupl
     return c0, r0, c1, r1
 
 
-def _window_bounds(tile: Tile) -> tuple[int, int, int, int]:
-    w = tile.read
+def _bounds(w: Window) -> tuple[int, int, int, int]:
     return (int(w.col_off), int(w.row_off), int(w.col_off + w.width), int(w.row_off + w.height))
+
+
+def _window_bounds(tile: Tile) -> tuple[int, int, int, int]:
+    return _bounds(tile.read)
 
 
 def _mask_area_in(inst: Instance, zone: tuple[int, int, int, int]) -> int:
@@ -133,14 +141,9 @@ def fuse(members: Sequence[Instance], tiles: TileLookup) -> Instance:
     for m in members:
         mr, mc = m.row_off - r0, m.col_off - c0
         union[mr : mr + m.height, mc : mc + m.width] |= m.mask
-        core = tiles[m.tile_id].core
-        zone = _overlap(
-            m.bounds(),
-            (int(core.col_off), int(core.row_off), int(core.col_off + core.width), int(core.row_off + core.height)),
-        )
-        cz = _overlap(
-            (c0, r0, c1, r1), (int(core.col_off), int(core.row_off), int(core.col_off + core.width), int(core.row_off + core.height))
-        )
+        core = _bounds(tiles[m.tile_id].core)
+        zone = _overlap(m.bounds(), core)
+        cz = _overlap((c0, r0, c1, r1), core)
         if cz is not None:
             covered[cz[1] - r0 : cz[3] - r0, cz[0] - c0 : cz[2] - c0] = True
         if zone is not None:
@@ -164,9 +167,33 @@ def fuse(members: Sequence[Instance], tiles: TileLookup) -> Instance:
     )
 
 
+def area_in_core(instance: Instance, tile: Tile) -> int:
+    """Return how many of ``instance``'s pixels lie inside ``tile``'s core."""
+    zone = _overlap(instance.bounds(), _bounds(tile.core))
+    return _mask_area_in(instance, zone) if zone is not None else 0
+
+
+def is_unconfirmed(members: Sequence[Instance], tiles: TileLookup) -> bool:
+    """Return whether a group is one instance, linked to nothing, lying mostly outside its tile's core (rule 4)."""
+    if len(members) != 1 or members[0].tile_id < 0:
+        return False
+    inst = members[0]
+    return 2 * area_in_core(inst, tiles[inst.tile_id]) < inst.area_px
+
+
+def close_groups(border: Sequence[Instance], groups: Iterable[Sequence[int]], tiles: TileLookup) -> list[Instance]:
+    """Fuse each group of ``border`` into one instance, dropping unconfirmed lone instances (rule 4)."""
+    out: list[Instance] = []
+    for g in groups:
+        members = [border[i] for i in g]
+        if not is_unconfirmed(members, tiles):
+            out.append(fuse(members, tiles))
+    return out
+
+
 def merge_border_instances(border: Sequence[Instance], tiles: TileLookup, ios_threshold: float) -> list[Instance]:
     """Group and fuse border instances; returns one instance per object."""
-    return [fuse([border[i] for i in g], tiles) for g in group_border_instances(border, tiles, ios_threshold)]
+    return close_groups(border, group_border_instances(border, tiles, ios_threshold), tiles)
 
 
 def merge_across_tiles(instances: Iterable[Instance], tiles: TileLookup, ios_threshold: float = 0.5) -> list[Instance]:
@@ -217,10 +244,11 @@ def merge_block(
 
     Groups are formed exactly as :func:`group_border_instances` forms them. A group whose members all lie
     inside ``exclusive`` (see :func:`block_exclusive_window`) has no link to any tile outside the block,
-    so it is fused now. Any other group may continue outside: its members are returned unfused, to be
-    merged again with the open instances of the neighbouring blocks. Applying this from small blocks up
-    to one block covering the raster gives exactly :func:`merge_border_instances`, while each step only
-    sees the instances near one block's edges.
+    so it is closed now (fused, or dropped by rule 4 as in :func:`close_groups`). Any other group may
+    continue outside: its members are returned unfused, to be merged again with the open instances of
+    the neighbouring blocks. Applying this from small blocks up to one block covering the raster gives
+    exactly :func:`merge_border_instances`, while each step only sees the instances near one block's
+    edges.
 
     Args:
         border: Border instances of the block's tiles (and open instances of its sub-blocks).
@@ -229,14 +257,14 @@ def merge_block(
         ios_threshold: As in :func:`group_border_instances`.
 
     Returns:
-        ``(finished, open)``: fused instances of closed groups, and members of open groups.
+        ``(finished, open)``: fused instances of closed groups (less those rule 4 drops), and members of
+        open groups.
     """
-    finished: list[Instance] = []
+    closed: list[list[int]] = []
     still_open: list[Instance] = []
     for group in group_border_instances(border, tiles, ios_threshold):
-        members = [border[i] for i in group]
-        if exclusive is not None and all(window_contains(exclusive, *m.bounds()) for m in members):
-            finished.append(fuse(members, tiles))
+        if exclusive is not None and all(window_contains(exclusive, *border[i].bounds()) for i in group):
+            closed.append(group)
         else:
-            still_open.extend(members)
-    return finished, still_open
+            still_open.extend(border[i] for i in group)
+    return close_groups(border, closed, tiles), still_open

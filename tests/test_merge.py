@@ -111,6 +111,22 @@ def test_same_tile_instances_are_never_linked_directly() -> None:
     assert len(group_border_instances([a, b], tiles, 0.5)) == 2
 
 
+def test_unlinked_instance_mostly_in_another_tiles_core_is_dropped() -> None:
+    tiles = plan_tiles(200, 100, 110, 20)  # tile 0 reads cols 0..110, tile 1 cols 90..200; cores meet at 100
+    assert (int(tiles[0].core.col_off + tiles[0].core.width), int(tiles[1].core.col_off)) == (100, 100)
+    # One object in the overlap, in tile 1's core. Each tile's outline is off by 1-2 px, so the two
+    # versions overlap by 10 px out of 30 (IoS 0.33): not linked.
+    owner = Instance(40, 101, np.ones((10, 3), bool), 0.8, 0, 1)
+    jittered = Instance(40, 103, np.ones((10, 4), bool), 0.9, 0, 0)
+    assert ios_in_shared_zone(jittered, owner, tiles[0], tiles[1]) < 0.5
+    stray = Instance(70, 102, np.ones((6, 6), bool), 0.7, 0, 0)  # tile 0's margin; tile 1 saw nothing there
+    mostly_own = Instance(10, 95, np.ones((5, 8), bool), 0.7, 0, 0)  # cols 95..103: 5 of 8 in tile 0's core
+    instances = [owner, jittered, stray, mostly_own]
+    for order in (instances, instances[::-1]):
+        merged = merge_across_tiles(order, tiles)
+        assert sorted(m.bounds() for m in merged) == sorted([owner.bounds(), mostly_own.bounds()])
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000), size=st.sampled_from([64, 96, 128]), overlap=st.sampled_from([4, 16, 24]))
 def test_merge_is_exact_and_order_independent(seed: int, size: int, overlap: int) -> None:
