@@ -120,7 +120,7 @@ def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str
     root = logging.getLogger().getEffectiveLevel()
     logging.getLogger("distributed").setLevel(max(root, logging.WARNING) if root > logging.DEBUG else root)  # -vv shows Dask's own log
     with connect(cfg.dask) as client:
-        if client.dashboard_link and cfg.dask.dashboard:
+        if client.dashboard_link and cfg.dask.dashboard and not logging.getLogger("workflows.cluster").isEnabledFor(logging.INFO):
             click.echo(f"dashboard: {client.dashboard_link}", err=True)
         summary = run_job(client, paths, layout, cfg, store, progress_every)
     outputs = ", ".join(str(p) for p in summary.outputs) or "nothing"
