@@ -1,0 +1,76 @@
+"""Score a tree-crown model on held-out NEON plots the way users would, with box IoU.
+
+Usage: python bench/train/eval_trees.py MODEL.pt [--config configs/trees.yaml] [--out runs/eval_trees]
+                                        [--plots HARV_026 ...] [--json scores.json]
+
+Runs ``geomask predict --serial`` on each plot GeoTIFF, then matches predicted crowns to the hand-drawn
+boxes one to one at box IoU ≥ 0.5 (``geomask.evaluate`` in box mode), per site (each site's plots share
+a CRS) and over all plots (counts summed; AP is per site only). Default plots: the validation plots of
+``bench/train/train_trees.sh`` (never trained on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import geopandas as gpd
+import pandas as pd
+
+from geomask.evaluate import evaluate_frames, format_scores
+
+VAL = ["HARV_026", "HARV_041", "SJER_006", "SJER_012", "SJER_045", "SJER_051", "SJER_056", "SJER_061", "TEAK_046", "TEAK_051", "TEAK_057"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--data", type=Path, default=Path("../shared/data/trees_neon"))
+    ap.add_argument("--config")
+    ap.add_argument("--out", type=Path, default=Path("runs/eval_trees"))
+    ap.add_argument("--plots", nargs="+", default=VAL)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    exe = Path(sys.executable).with_name("geomask")
+    by_site: dict[str, tuple[list[gpd.GeoDataFrame], list[gpd.GeoDataFrame]]] = {}
+    for plot in args.plots:
+        out = args.out / f"{plot}.gpkg"
+        cmd = [str(exe), "-q", "predict", "--serial", str(args.data / "plots" / f"{plot}.tif"), "-o", str(out), "--weights", args.model]
+        if args.config:
+            cmd += ["-c", args.config]
+        subprocess.run(cmd, check=True)
+        truth = gpd.read_file(args.data / "labels_geojson" / f"{plot}.geojson")
+        pred = gpd.read_file(out).to_crs(truth.crs)
+        preds, truths = by_site.setdefault(plot.split("_")[0], ([], []))
+        preds.append(pred)
+        truths.append(truth[["geometry"]])
+    results = {}
+    total = {"n_truth": 0, "n_pred": 0, "tp": 0}
+    rows = []
+    for site, (preds, truths) in sorted(by_site.items()):
+        pred = gpd.GeoDataFrame(pd.concat(preds, ignore_index=True), crs=preds[0].crs)
+        truth = gpd.GeoDataFrame(pd.concat(truths, ignore_index=True), crs=truths[0].crs)
+        ev = evaluate_frames(pred, truth, box=True, iou_threshold=0.5)
+        row = dataclasses.replace(ev.overall, name=site)
+        rows.append(row)
+        results[site] = {k: getattr(row, k) for k in ("n_truth", "n_pred", "tp", "precision", "recall", "f1", "ap", "ap50")}
+        for k in total:
+            total[k] += getattr(row, k)
+    p = total["tp"] / total["n_pred"] if total["n_pred"] else 0.0
+    r = total["tp"] / total["n_truth"] if total["n_truth"] else 0.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    results["all"] = {**total, "precision": p, "recall": r, "f1": f1, "plots": args.plots}
+    print("box IoU >= 0.5, one-to-one")
+    print(format_scores(rows))
+    print(f"all plots: truth {total['n_truth']}, pred {total['n_pred']}, TP {total['tp']}, precision {p:.3f}, recall {r:.3f}, F1 {f1:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
