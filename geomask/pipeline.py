@@ -6,6 +6,7 @@ inside Dask tasks, so the serial and distributed paths share every line that tou
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import queue
@@ -146,7 +147,12 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
                 return
             yield item  # type: ignore[misc]
     finally:
+        # The consumer stopped (done, closed early, or raised): unblock the producer if it waits on a full
+        # queue, so the thread ends and frees the tiles it holds instead of living on in a worker.
         stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                q.get(timeout=0.1)
 
 
 def read_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: int) -> Iterator[tuple[list[TileImage], int]]:

@@ -182,3 +182,32 @@ def test_weights_that_would_run_code_are_refused(tmp_path: Path, scene: tuple[Pa
     code, err = run_cli(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "--weights", str(evil), "--serial"], capsys)
     assert_clean_failure(code, err, str(evil), tmp_path)
     assert "weights_only" in err or "not plain data" in err or "refus" in err, err
+
+
+def test_bad_input_on_the_default_dask_path_fails_before_a_cluster_starts(
+    tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bogus = tmp_path / "notes.tif"
+    bogus.write_text("this is not an image\n")
+    code, err = run_cli(["predict", str(bogus), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1])], capsys)
+    assert_clean_failure(code, err, "not a readable raster", tmp_path)  # one line: no cluster log, no worker traceback
+
+
+def test_malformed_scheduler_address(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run_cli(
+        ["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1]), "--scheduler", "foo://x:1"], capsys
+    )
+    assert_clean_failure(code, err, "cannot reach the Dask scheduler at foo://x:1", tmp_path)
+
+
+def test_overlap_option_replaces_an_overlap_in_metres(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = yaml.safe_load(scene[1].read_text())
+    cfg["tiling"] = {"size_px": 64, "overlap_m": 8.0}
+    path = tmp_path / "metres.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, err = run_cli(
+        ["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "-c", str(path), "--overlap", "12", "--serial"], capsys
+    )
+    assert code == 0, err
+    resolved = yaml.safe_load((tmp_path / "out.gpkg.config.yaml").read_text())
+    assert (resolved["tiling"]["overlap_px"], resolved["tiling"]["overlap_m"]) == (12, None)

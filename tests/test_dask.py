@@ -245,3 +245,28 @@ def test_a_detector_that_cannot_be_built_is_one_line_for_the_user(client: Client
     with pytest.raises(DetectorError, match=r"^detector factory tests.test_dask_support:broken_detector failed on a worker: CUDA error"):
         _run(client, image, config, tmp_path / "o.gpkg")
     assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_bad_inputs_on_the_dask_path_are_one_line(client: Client, scenes: list[tuple[Path, Path]], tmp_path: Path) -> None:
+    """Planning on workers: a bad input comes back as its one-line error, computed once (no retries)."""
+    import numpy as np
+
+    from geomask.errors import RasterContentError
+    from tests.helpers import write_raster
+
+    config = write_config(tmp_path / "c.yaml", scenes[0][1])
+    empty = write_raster(tmp_path / "empty.tif", np.zeros((3, 300, 300), np.uint8), nodata=0)
+    with pytest.raises(RasterContentError, match="no valid pixels"):
+        _run(client, empty, config, tmp_path / "o.gpkg")
+    assert not (tmp_path / "o.gpkg").exists()
+
+
+def test_a_new_bundled_model_is_a_changed_model_for_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import workflows.store as store
+
+    monkeypatch.setattr(store, "MODELS_DIR", tmp_path)
+    (tmp_path / store.BUNDLED_MODEL).write_bytes(b"weights of release 1")
+    first = store.model_hash(store.DEFAULT_DETECTOR, {})
+    assert store.model_hash(store.DEFAULT_DETECTOR, {"device": "cpu"}) != first  # options count too
+    (tmp_path / store.BUNDLED_MODEL).write_bytes(b"weights of release 2")
+    assert store.model_hash(store.DEFAULT_DETECTOR, {}) != first

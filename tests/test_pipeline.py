@@ -186,3 +186,24 @@ def test_input_is_resampled_to_the_models_gsd_and_polygons_come_back_in_its_coor
         n_exact += int(on_grid.sum())
         assert f.area_m2 == pytest.approx(g.area, rel=0.1)
     assert n_exact == 19  # every edge but the one at 7.2 m
+
+
+def test_prefetch_thread_ends_when_the_consumer_stops_early() -> None:
+    """A detect task that fails mid-raster must not leave its reader thread blocked, holding tiles."""
+    import itertools
+    import threading
+
+    from geomask.pipeline import prefetch
+
+    def alive() -> int:
+        return sum(t.name == "geomask-prefetch" and t.is_alive() for t in threading.enumerate())
+
+    before = alive()
+    items = prefetch(itertools.count(), depth=2)  # endless: the producer fills the queue and blocks
+    assert next(items) == 0
+    items.close()  # what a raising consumer does to the generator
+    assert alive() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        for _ in prefetch(itertools.count(), depth=1):
+            raise RuntimeError("boom")
+    assert alive() == before

@@ -85,7 +85,7 @@ def connect(cfg: DaskConfig) -> Iterator[Client]:
         log.warning("dask.n_workers (--workers) sizes a local cluster only; the cluster at %s is used as it is", cfg.address)
     try:
         client = cast(Client, cast(Any, Client)(cfg.address, timeout="20s"))
-    except (OSError, TimeoutError) as err:
+    except (OSError, TimeoutError, ValueError) as err:  # ValueError: a malformed address (unknown scheme)
         raise ClusterError(
             f"cannot reach the Dask scheduler at {cfg.address} ({err}); start one with `dask scheduler` or fix --scheduler"
         ) from None

@@ -25,9 +25,9 @@ import pandas as pd
 from distributed import Client, Future, as_completed
 
 from geomask.config import Config, dump_config
-from geomask.errors import DetectorError, ExportError
+from geomask.errors import DetectorError, ExportError, GeomaskError
 from geomask.export import to_frame, write_frame, write_text_atomic
-from geomask.pipeline import RasterPlan, config_sidecar, new_run_id, plan_raster, resolve_config
+from geomask.pipeline import RasterPlan, config_sidecar, new_run_id, resolve_config
 from geomask.vectorize import Feature, sort_features
 from workflows.blocks import Block, BlockTree
 from workflows.inputs import OutputLayout
@@ -40,6 +40,7 @@ from workflows.tasks import (
     Failure,
     MergeTask,
     describe_detector,
+    plan_task,
     run_detect,
     run_merge,
 )
@@ -165,11 +166,12 @@ class _Job:
 
     def _plan(self, info: DetectorInfo) -> list[_Input]:
         cfg = resolve_config(self.config, info.hints)
-        futs = [
-            self.client.submit(plan_raster, str(p.resolve()), cfg, key=f"plan-{i}-{self.run_id}", retries=self.retries)
-            for i, p in enumerate(self.inputs)
-        ]
-        plans: list[RasterPlan] = cast(Any, self.client).gather(futs)
+        futs = [self.client.submit(plan_task, str(p.resolve()), cfg, key=f"plan-{i}-{self.run_id}") for i, p in enumerate(self.inputs)]
+        planned: list[RasterPlan | GeomaskError] = cast(Any, self.client).gather(futs)
+        for result in planned:
+            if isinstance(result, GeomaskError):
+                raise result  # a bad input: one line on the client (exit code 2), as with --serial
+        plans = cast(list[RasterPlan], planned)
         names = [Path(p.info.path).name for p in plans]
         unique = len(set(names)) == len(names)
         if self.layout.combined is not None and len({p.info.crs for p in plans}) > 1:

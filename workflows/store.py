@@ -31,7 +31,8 @@ import numpy.typing as npt
 import shapely
 from shapely.geometry import MultiPolygon
 
-from geomask.config import Config
+from geomask.config import DEFAULT_DETECTOR, Config
+from geomask.detect.base import BUNDLED_MODEL, MODELS_DIR
 from geomask.errors import ConfigError, GeomaskError
 from geomask.instances import Instance
 from geomask.vectorize import Feature
@@ -67,8 +68,10 @@ def _file_digest(path: Path) -> str:
 
 
 def model_hash(factory: str, options: dict[str, Any]) -> str:
-    """Hash the detector factory, its options and the content of every file an option names (weights)."""
+    """Hash the detector factory, its options and the content of every file an option names (weights, or the bundled model)."""
     digest = hashlib.sha256(json.dumps({"factory": factory, "options": options}, sort_keys=True, default=str).encode())
+    if factory == DEFAULT_DETECTOR and not options.get("weights"):  # the bundled model: a new release may ship new weights
+        digest.update(_file_digest(MODELS_DIR / BUNDLED_MODEL).encode())
     for key in sorted(options):
         value = options[key]
         if isinstance(value, str | os.PathLike) and Path(value).is_file():
@@ -187,11 +190,14 @@ class RunStore:
         if fresh:
             shutil.rmtree(root / "results", ignore_errors=True)
             stored_path.unlink(missing_ok=True)
-        if stored_path.exists():
-            self._check(stored_path, manifest)
-        else:
-            _write_atomic(stored_path, manifest.to_json().encode())
-        (root / "results").mkdir(exist_ok=True)
+        try:
+            if stored_path.exists():
+                self._check(stored_path, manifest)
+            else:
+                _write_atomic(stored_path, manifest.to_json().encode())
+            (root / "results").mkdir(exist_ok=True)
+        except OSError as err:
+            raise RunDirError(f"cannot write to run dir {root} ({err.strerror or err}); choose another --run-dir") from None
         for tmp in (root / "results").glob("*/.*.tmp"):  # left by a job killed mid-write
             tmp.unlink(missing_ok=True)
 

@@ -24,11 +24,12 @@ from distributed import WorkerPlugin, get_worker
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
+from geomask.config import Config
 from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
 from geomask.errors import DetectorError, GeomaskError
 from geomask.instances import Instance
 from geomask.merge import merge_block, split_private
-from geomask.pipeline import RasterPlan, clean_instances, prefetch, release_freed_memory, vectorize_plan
+from geomask.pipeline import RasterPlan, clean_instances, plan_raster, prefetch, release_freed_memory, vectorize_plan
 from geomask.raster import RasterReader
 from geomask.tiling import Tile
 from geomask.vectorize import Feature
@@ -162,6 +163,17 @@ def _plugin(name: str) -> DetectorPlugin:
     if plugin.detector is None or plugin.lock is None:
         raise DetectorError(plugin.error or f"detector plugin {name!r} was not set up on this worker")
     return plugin
+
+
+def plan_task(path: str, config: Config) -> RasterPlan | GeomaskError:
+    """Plan one raster on a worker; a bad input comes back as the error (a value, not a failed task).
+
+    So the client reports it as one line, and the worker logs no "Compute Failed" block for it.
+    """
+    try:
+        return plan_raster(path, config)
+    except GeomaskError as err:
+        return err
 
 
 def describe_detector(plugin_name: str) -> DetectorInfo:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -21,6 +22,9 @@ import numpy.typing as npt
 from geomask.errors import DetectorError
 from geomask.instances import Instance
 from geomask.tiling import Tile
+
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+BUNDLED_MODEL = "buildings_r18.pt"  # what the built-in Mask R-CNN loads when no weights are given
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from geomask.detect.base import ModelHints, TileImage
+from geomask.detect.base import BUNDLED_MODEL, MODELS_DIR, ModelHints, TileImage
 from geomask.detect.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint
 from geomask.errors import DetectorError, WeightsError
 from geomask.instances import Instance
@@ -39,8 +39,6 @@ log = logging.getLogger(__name__)
 
 #: ``tiny_fpn`` is a few-hundred-thousand-parameter model for tests and demos: it learns simple shapes in seconds.
 ARCHS = ("resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "tiny_fpn")
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-BUNDLED_MODEL = "buildings_r18.pt"
 #: Names accepted as ``weights`` for torchvision's COCO weights (downloaded on first use when online).
 COCO_WEIGHTS = {"coco": "resnet50_fpn", "coco_v2": "resnet50_fpn_v2"}
 DEFAULT_TILE_SIZE_PX = 512

@@ -74,7 +74,6 @@ def predict(
         {
             "detector.factory": detector,
             "tiling.size_px": tile_size,
-            "tiling.overlap_px": overlap,
             "detector.batch_size": batch_size,
             "dask.address": scheduler,
             "dask.n_workers": workers,
@@ -82,6 +81,8 @@ def predict(
             "dask.gpu": gpu,
         },
     )
+    if overlap is not None:  # in pixels, replacing an overlap in metres from the config
+        cfg = merge_overrides(cfg, {"tiling.overlap_px": overlap, "tiling.overlap_m": None})
     cfg = _with_detector_options(cfg, weights, device)
     paths = expand_inputs(inputs)
     layout = plan_outputs(output, paths, fmt)
@@ -101,8 +102,8 @@ def predict(
 def _with_detector_options(cfg: Config, weights: str | None, device: str | None) -> Config:
     options = dict(cfg.detector.options)
     if cfg.detector.factory == DEFAULT_DETECTOR:
-        if weights is not None:
-            options["weights"] = weights
+        if weights is not None:  # absolute, so that workers started in another folder find it
+            options["weights"] = str(Path(weights).resolve()) if Path(weights).is_file() else weights
         if device is not None:
             options["device"] = device
     elif weights is not None or device is not None:
@@ -111,10 +112,13 @@ def _with_detector_options(cfg: Config, weights: str | None, device: str | None)
 
 
 def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str | None, fresh: bool, progress_every: float) -> None:
+    from geomask.raster import inspect_raster
     from workflows.cluster import connect
     from workflows.job import run_job
     from workflows.store import open_run_dir
 
+    for path in paths:  # bad inputs fail here, in one line, before a cluster starts (workers check again when planning)
+        inspect_raster(path)
     store = open_run_dir(Path(run_dir), paths, cfg, fresh) if run_dir else None
 
     root = logging.getLogger().getEffectiveLevel()
