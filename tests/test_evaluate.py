@@ -232,3 +232,82 @@ def test_objects_beyond_the_tiles_are_in_no_seam_group() -> None:
     rows = {s.name: s for s in ev.seams}
     assert rows["inside one tile"].n_truth == 1 and rows["seen by no tile"].n_truth == 1
     assert rows["seen by no tile"].fn == 1
+
+
+def _fine_raster(tmp: Path) -> Path:
+    """A 400 x 200 px raster at 7.5 cm (30 m x 15 m): 100 x 50 working pixels at 0.3 m."""
+    import rasterio
+
+    raster = tmp / "ortho.tif"
+    transform = Affine(0.075, 0, 500000, 0, -0.075, 5000015)
+    with rasterio.open(
+        raster, "w", driver="GTiff", width=400, height=200, count=1, dtype="uint8", crs="EPSG:32633", transform=transform
+    ) as dst:
+        dst.write(np.zeros((1, 200, 400), dtype="uint8"))
+    return raster
+
+
+def _sizes(tiles: gpd.GeoSeries) -> set[tuple[float, float]]:
+    b = tiles.bounds
+    return {(round(w, 6), round(h, 6)) for w, h in zip(b.maxx - b.minx, b.maxy - b.miny, strict=True)}
+
+
+def test_tiles_from_are_planned_on_the_working_grid(tmp_path: Path) -> None:
+    from workflows.commands.evaluate import _tiles
+
+    raster = _fine_raster(tmp_path)
+    tiles = _tiles(None, str(raster), 40, 8, gsd=0.3)
+    assert tiles is not None
+    # 40 working px at 0.3 m = 12 m per side (not 40 x 0.075 = 3 m): 3 x 2 tiles over 100 x 50 px
+    assert len(tiles) == 6 and _sizes(tiles) == {(12.0, 12.0)}
+    b = tiles.bounds
+    assert (b.minx.min(), b.maxx.max(), b.miny.min(), b.maxy.max()) == pytest.approx((500000, 500030, 5000000, 5000015))
+    assert tiles.union_all().area == pytest.approx(30 * 15)
+    native = _tiles(None, str(raster), 40, 8)
+    assert native is not None and _sizes(native) == {(3.0, 3.0)}
+
+
+def _sidecar(pred: Path, **overrides: object) -> None:
+    from geomask.config import Config, dump_config, merge_overrides
+    from geomask.pipeline import config_sidecar
+
+    config_sidecar(pred).write_text(dump_config(merge_overrides(Config(), overrides)))
+
+
+def test_tiles_from_default_to_the_predict_sidecar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from workflows.commands.evaluate import _tiles
+
+    raster = _fine_raster(tmp_path)
+    # Map boxes 0.5..2.5 m below the top edge (tile row 1 starts 3 m down): one inside working tile 0 only
+    # (x 2..4 m), one across tile 0's right edge at x 12 m (tiles 0 and 1 read x 0..12 and 9.6..21.6 m). On the raster's own pixels (3 m tiles) both cross edges.
+    x0, y1 = 500000, 5000015
+    geoms = [box(x0 + 2, y1 - 2.5, x0 + 4, y1 - 0.5), box(x0 + 11, y1 - 2.5, x0 + 13, y1 - 0.5)]
+    truth, pred = tmp_path / "truth.geojson", tmp_path / "pred.gpkg"
+    gpd.GeoDataFrame(geometry=geoms, crs=32633).to_file(truth)
+    gpd.GeoDataFrame({"score": [0.9, 0.8]}, geometry=geoms, crs=32633).to_file(pred)
+    _sidecar(pred, **{"raster.gsd_m": 0.3, "tiling.size_px": 40, "tiling.overlap_px": 8})
+
+    tiles = _tiles(None, str(raster), None, None, pred=str(pred))
+    assert tiles is not None and len(tiles) == 6 and _sizes(tiles) == {(12.0, 12.0)}
+    # explicit options win over the sidecar, each on its own
+    finer = _tiles(None, str(raster), None, None, gsd=0.15, pred=str(pred))
+    assert finer is not None and _sizes(finer) == {(6.0, 6.0)}
+    bigger = _tiles(None, str(raster), 48, None, pred=str(pred))
+    assert bigger is not None and _sizes(bigger) == {(14.4, 14.4)}
+
+    out = tmp_path / "s.json"
+    main(["evaluate", str(pred), str(truth), "--tiles-from", str(raster), "--json", str(out)])
+    capsys.readouterr()
+    seams = {s["name"]: s for s in json.loads(out.read_text())["seams"]}
+    assert seams["inside one tile"]["n_truth"] == 1 and seams["seen by 2 tiles"]["n_truth"] == 1
+    assert seams["crosses a tile edge"]["tp"] == 1
+
+
+def test_tiles_from_without_tile_size_or_sidecar_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raster = _fine_raster(tmp_path)
+    pred, truth, _ = _write(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", str(pred), str(truth), "--tiles-from", str(raster), "--gsd", "0.3"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tile-size" in err and "pred.gpkg.config.yaml" in err

@@ -11,28 +11,82 @@ import geopandas as gpd
 log = logging.getLogger("geomask")
 
 
-def _tiles(tiles_path: str | None, tiles_from: str | None, tile_size: int | None, overlap: int | None) -> gpd.GeoSeries | None:
-    """Build the tile read windows for seam statistics from a tiles layer or a raster plus tiling."""
+def _predict_settings(pred: str | None) -> tuple[Path | None, float | None, int | None, int | None]:
+    """Return the sidecar beside ``pred`` (or ``None``) and the working GSD, tile size and overlap it names."""
+    if pred is None:
+        return None, None, None, None
+    from geomask.config import load_config
+    from geomask.pipeline import config_sidecar
+
+    sidecar = config_sidecar(pred)
+    if not sidecar.is_file():
+        return None, None, None, None
+    cfg = load_config(sidecar)
+    return sidecar, cfg.raster.gsd_m, cfg.tiling.size_px, cfg.tiling.overlap_px
+
+
+def _tiles(
+    tiles_path: str | None,
+    tiles_from: str | None,
+    tile_size: int | None,
+    overlap: int | None,
+    gsd: float | None = None,
+    pred: str | None = None,
+) -> gpd.GeoSeries | None:
+    """Build the tile read windows for seam statistics from a tiles layer or a raster plus tiling.
+
+    With ``tiles_from`` the tiles are planned as ``geomask predict`` planned them: on the working grid
+    (the raster resampled to ``gsd`` metres; ``None``: its own pixels). Settings not given default to
+    those in the resolved config predict wrote beside ``pred`` (``<pred>.config.yaml``).
+    """
     from geomask.errors import ConfigError
     from geomask.evaluate import read_layer, tile_polygons
 
     if tiles_path and tiles_from:
         raise click.UsageError("give either --tiles or --tiles-from, not both")
     if tiles_path:
+        if gsd is not None or tile_size is not None or overlap is not None:
+            raise click.UsageError("--gsd/--tile-size/--overlap go with --tiles-from RASTER, not --tiles")
         frame = read_layer(tiles_path)
         return frame.geometry
     if tiles_from is None:
-        if tile_size is not None or overlap is not None:
-            raise click.UsageError("--tile-size/--overlap need --tiles-from RASTER (the raster the predictions came from)")
+        if tile_size is not None or overlap is not None or gsd is not None:
+            raise click.UsageError("--gsd/--tile-size/--overlap need --tiles-from RASTER (the raster the predictions came from)")
         return None
+    sidecar, side_gsd, side_size, side_overlap = _predict_settings(pred)
+    gsd = gsd if gsd is not None else side_gsd
     if tile_size is None:
-        raise ConfigError("--tiles-from needs --tile-size (and --overlap, default tile size / 8) as used by predict")
-    from geomask.raster import inspect_raster
+        if side_size is None:
+            raise ConfigError(
+                "--tiles-from needs --tile-size (and --gsd, --overlap) as used by predict, "
+                f"or the {Path(pred).name if pred else 'PRED'}.config.yaml predict writes beside its output"
+            )
+        tile_size = side_size
+        overlap = overlap if overlap is not None else side_overlap
+    elif overlap is None and tile_size == side_size:
+        overlap = side_overlap
+    if overlap is None:
+        overlap = max(1, tile_size // 8)
+    if not 1 <= overlap < tile_size:
+        raise ConfigError(f"--overlap must be at least 1 and less than --tile-size ({tile_size}), got {overlap}")
+    from geomask.raster import inspect_raster, working_grid
     from geomask.tiling import plan_tiles
 
     info = inspect_raster(tiles_from)
-    plan = plan_tiles(info.width, info.height, tile_size, overlap if overlap is not None else max(1, tile_size // 8))
-    return gpd.GeoSeries(tile_polygons(plan, info.transform), crs=info.crs)
+    grid = working_grid(info, gsd)
+    plan = plan_tiles(grid.width, grid.height, tile_size, overlap)
+    log.info(
+        "seam tiles: %s on %dx%d working px (%.3f m), %d tiles of %d px, overlap %d px%s",
+        info.path,
+        grid.width,
+        grid.height,
+        grid.gsd_m,
+        len(plan),
+        tile_size,
+        overlap,
+        f" (defaults from {sidecar.name})" if sidecar else "",
+    )
+    return gpd.GeoSeries(tile_polygons(plan, grid.transform), crs=info.crs)
 
 
 @click.command()
@@ -45,9 +99,24 @@ def _tiles(tiles_path: str | None, tiles_from: str | None, tile_size: int | None
 @click.option("--pred-layer", help="Layer of PRED to read (multi-layer formats).")
 @click.option("--truth-layer", help="Layer of TRUTH to read (multi-layer formats).")
 @click.option("--tiles", "tiles_path", type=click.Path(dir_okay=False), help="Tile read windows as polygons, for seam statistics.")
-@click.option("--tiles-from", type=click.Path(dir_okay=False), help="Raster the predictions came from (tiled by --tile-size, --overlap).")
-@click.option("--tile-size", type=int, help="Tile size in pixels used by predict (with --tiles-from).")
-@click.option("--overlap", type=int, help="Tile overlap in pixels used by predict (with --tiles-from).")
+@click.option(
+    "--tiles-from",
+    type=click.Path(dir_okay=False),
+    help="Raster the predictions came from, tiled as predict tiled it (--gsd, --tile-size, --overlap; "
+    "each defaults to PRED's .config.yaml sidecar written by predict).",
+)
+@click.option(
+    "--gsd",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="METRES",
+    help="Working-grid GSD predict resampled to (with --tiles-from; default: the sidecar's raster.gsd_m, else the raster's own).",
+)
+@click.option("--tile-size", type=int, help="Tile size in working-grid pixels used by predict (with --tiles-from; default: the sidecar's).")
+@click.option(
+    "--overlap",
+    type=int,
+    help="Tile overlap in working-grid pixels used by predict (with --tiles-from; default: the sidecar's, else tile size / 8).",
+)
 @click.option("--no-ap", is_flag=True, help="Skip COCO AP (faster on very large layers).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
 def evaluate(
@@ -61,6 +130,7 @@ def evaluate(
     truth_layer: str | None,
     tiles_path: str | None,
     tiles_from: str | None,
+    gsd: float | None,
     tile_size: int | None,
     overlap: int | None,
     no_ap: bool,
@@ -79,7 +149,7 @@ def evaluate(
         iou_threshold=iou_threshold,
         box=box,
         ignore=read_layer(ignore_path) if ignore_path else None,
-        tiles=_tiles(tiles_path, tiles_from, tile_size, overlap),
+        tiles=_tiles(tiles_path, tiles_from, tile_size, overlap, gsd, pred),
         class_field=class_field,
         compute_ap=not no_ap,
     )
