@@ -13,12 +13,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import torch
 from affine import Affine
 
 from geomask.config import config_from_dict
-from geomask.detect.checkpoint import load_checkpoint
-from geomask.detect.maskrcnn import build
-from geomask.detect.train import ChipReader, TrainSettings, augment, chip_target, match_f1, open_rasters, touches_edge, train
+from geomask.detect.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from geomask.detect.maskrcnn import build, build_model
+from geomask.detect.train import (
+    ChipReader,
+    TrainSettings,
+    _init_weights,
+    augment,
+    chip_target,
+    match_f1,
+    open_rasters,
+    touches_edge,
+    train,
+)
 from geomask.errors import ConfigError, LabelError, WeightsError
 from geomask.pipeline import predict_raster
 
@@ -193,3 +204,102 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([*args, "-c", str(bad)])
     assert exc.value.code == 2 and "unknown training setting(s) ['bogus']" in capsys.readouterr().err
+
+
+HEADS = sorted(
+    f"roi_heads.{name}.{part}"
+    for name in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_predictor.mask_fcn_logits")
+    for part in ("weight", "bias")
+)
+
+
+def _tiny_checkpoint(path: Path, classes: tuple[str, ...], arch: str = "tiny_fpn", seed: int = 123) -> dict[str, torch.Tensor]:
+    """Save a freshly initialised model (seeded apart from training's seed 0) as a geomask checkpoint."""
+    torch.manual_seed(seed)
+    state = build_model(arch, len(classes), 64).state_dict()
+    save_checkpoint(path, CheckpointMeta(arch=arch, classes=classes, tile_size_px=64), state)
+    return state
+
+
+def test_init_from_a_checkpoint_loads_every_tensor_or_replaces_the_heads(tmp_path: Path) -> None:
+    same = _tiny_checkpoint(tmp_path / "one.pt", ("square",))
+    torch.manual_seed(0)
+    model = build_model("tiny_fpn", 1, 64)
+    assert _init_weights(model, str(tmp_path / "one.pt"), 1, "tiny_fpn") == []
+    assert all(torch.equal(v, same[k]) for k, v in model.state_dict().items())
+
+    three = _tiny_checkpoint(tmp_path / "three.pt", ("a", "b", "c"))
+    torch.manual_seed(0)
+    model = build_model("tiny_fpn", 1, 64)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    assert _init_weights(model, str(tmp_path / "three.pt"), 1, "tiny_fpn") == HEADS
+    state = model.state_dict()
+    assert (
+        state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 2 and three["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
+    )
+    for k, v in state.items():
+        assert torch.equal(v, fresh[k] if k in HEADS else three[k]), k
+
+
+def test_init_from_another_architecture_is_one_line(tmp_path: Path) -> None:
+    _tiny_checkpoint(tmp_path / "tiny.pt", ("square",))
+    model = build_model("resnet18_fpn", 1, 64)
+    with pytest.raises(WeightsError, match="holds a 'tiny_fpn' model but training uses arch 'resnet18_fpn'; set --arch tiny_fpn") as exc:
+        _init_weights(model, str(tmp_path / "tiny.pt"), 1, "resnet18_fpn")
+    assert "\n" not in str(exc.value)
+    torch.save(load_checkpoint(tmp_path / "tiny.pt").state_dict, tmp_path / "plain.pt")  # no metadata naming the arch
+    with pytest.raises(WeightsError, match="does not fit architecture 'resnet18_fpn'") as exc:
+        _init_weights(model, str(tmp_path / "plain.pt"), 1, "resnet18_fpn")
+    assert "\n" not in str(exc.value)
+
+
+def test_train_starts_from_the_init_checkpoint(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One step at a negligible learning rate: the trained parameters are still the checkpoint's."""
+    image, labels, _ = square_scene(tmp_path, "i", 7, size=128, n=4)
+    start = _tiny_checkpoint(tmp_path / "start.pt", ("square",), seed=123)
+    settings = dataclasses.replace(
+        SETTINGS, chip_size_px=64, iterations=1, val_every=1, log_every=1, batch_size=1, rois_per_image=16, lr=1e-12, weight_decay=0.0
+    )
+    out = tmp_path / "tuned.pt"
+    with caplog.at_level("INFO", logger="geomask"):
+        train([str(image)], [str(labels)], out, dataclasses.replace(settings, init=str(tmp_path / "start.pt")))
+    assert any(m.startswith(f"initialised from {tmp_path / 'start.pt'} (") for m in caplog.messages)
+    tuned = load_checkpoint(out).state_dict
+    params = [k for k, _ in build_model("tiny_fpn", 1, 64).named_parameters()]
+    assert all(torch.allclose(tuned[k], start[k], atol=1e-8) for k in params)
+    train([str(image)], [str(labels)], tmp_path / "scratch.pt", settings)  # without init: training's own seed, other weights
+    scratch = load_checkpoint(tmp_path / "scratch.pt").state_dict
+    conv = "backbone.body.stem.0.weight"  # randomly initialised (BatchNorm weights start at 1 either way)
+    assert not torch.allclose(scratch[conv], start[conv], atol=1e-3) and torch.allclose(tuned[conv], start[conv], atol=1e-8)
+
+
+def test_init_coco_by_name_from_the_torch_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``init='coco'``: a locally made file in torchvision's cache stands in for the download (91 COCO classes).
+
+    Like the real file it has no BatchNorm step counters (torchvision trained it with frozen BatchNorm).
+    """
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(1)
+    coco = {k: v for k, v in build_model("resnet50_fpn", 90, 128).state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(coco, cache / MaskRCNN_ResNet50_FPN_Weights.DEFAULT.url.rsplit("/", 1)[-1])
+    torch.manual_seed(0)
+    model = build_model("resnet50_fpn", 2, 128)
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if k in HEADS}
+    assert _init_weights(model, "coco", 2, "resnet50_fpn") == HEADS
+    state = model.state_dict()
+    assert state["roi_heads.box_predictor.cls_score.weight"].shape == (3, 1024)
+    assert state["roi_heads.box_predictor.bbox_pred.weight"].shape == (12, 1024)
+    assert state["roi_heads.mask_predictor.mask_fcn_logits.weight"].shape == (3, 256, 1, 1)
+    assert coco["roi_heads.box_predictor.cls_score.weight"].shape == (91, 1024)
+    for k, v in state.items():
+        if k in HEADS:
+            assert torch.equal(v, fresh[k]), k
+        elif k in coco:
+            assert torch.equal(v, coco[k]), k
+    assert all(k.endswith("num_batches_tracked") for k in state if k not in coco)
+    with pytest.raises(WeightsError, match="holds a 'resnet50_fpn' model but training uses arch 'tiny_fpn'; set --arch resnet50_fpn"):
+        _init_weights(build_model("tiny_fpn", 2, 64), "coco", 2, "tiny_fpn")

@@ -454,8 +454,22 @@ def _lr_factor(it: int, s: TrainSettings) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _init_weights(model: torch.nn.Module, init: str, num_classes: int, arch: str) -> None:
-    """Load a starting point, replacing the class-specific heads when the class count differs."""
+def _init_weights(model: torch.nn.Module, init: str, num_classes: int, arch: str) -> list[str]:
+    """Load a starting point, replacing the class-specific heads when the class count differs.
+
+    Args:
+        model: A freshly built model of ``arch`` for ``num_classes`` classes.
+        init: A geomask checkpoint path, or ``coco``/``coco_v2`` (torchvision's COCO weights).
+        num_classes: Object classes being trained (background excluded).
+        arch: The model's architecture.
+
+    Returns:
+        The tensors left at their fresh initialisation because their shape differs from the source's
+        (the class-specific predictors when the class counts differ).
+
+    Raises:
+        WeightsError: The source is unreadable or holds another architecture.
+    """
     if init in ("coco", "coco_v2"):
         src_arch, state, _ = coco_state_dict(init)
         source = f"torchvision {init}"
@@ -470,9 +484,19 @@ def _init_weights(model: torch.nn.Module, init: str, num_classes: int, arch: str
     if unknown:
         raise WeightsError(f"{source} does not fit architecture {arch!r} (e.g. unexpected key {unknown[0]!r}); set --arch to match")
     fitting = {k: v.to(own[k].dtype) for k, v in state.items() if v.shape == own[k].shape}
-    replaced = sorted(set(own) - set(fitting))
+    replaced = sorted(k for k in state if k not in fitting)
+    # Tensors the source lacks: BatchNorm step counters when it was trained with frozen BatchNorm (COCO).
+    absent = [k for k in own if k not in state]
     model.load_state_dict(fitting, strict=False)
-    log.info("initialised from %s (%d tensors; %d re-initialised for %d classes)", source, len(fitting), len(replaced), num_classes)
+    log.info(
+        "initialised from %s (%d tensors; %d re-initialised for %d classes; %d not in the source)",
+        source,
+        len(fitting),
+        len(replaced),
+        num_classes,
+        len(absent),
+    )
+    return replaced
 
 
 class _Logger:
