@@ -166,6 +166,7 @@ class _Job:
 
     def _plan(self, info: DetectorInfo) -> list[_Input]:
         cfg = resolve_config(self.config, info.hints)
+        self.resolved = cfg  # the job's settings with the model's hints applied (per-input details such as overlap_m → px aside)
         futs = [self.client.submit(plan_task, str(p.resolve()), cfg, key=f"plan-{i}-{self.run_id}") for i, p in enumerate(self.inputs)]
         planned: list[RasterPlan | GeomaskError] = cast(Any, self.client).gather(futs)
         for result in planned:
@@ -332,7 +333,10 @@ class _Job:
         if self.layout.combined is not None:
             frame = pd.concat([f for f, _ in self.frames], ignore_index=True) if self.frames else None
             if frame is not None:
-                self._write(frame, self.layout.combined, self.frames[0][1])
+                # One file from many inputs: record the job's settings, not the first input's resolved ones
+                # (an overlap in metres becomes different pixel counts on inputs of different GSDs).
+                config = self.frames[0][1] if len(self.frames) == 1 else self.resolved
+                self._write(frame, self.layout.combined, config)
         self.summary.failed_tiles = len({(f.source, f.tile) for f in self.summary.failures if f.tile >= 0})
         self.summary.seconds = time.perf_counter() - t0
         if self.store is not None:
