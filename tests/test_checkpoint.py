@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from geomask.detect.base import load_detector
+from geomask.detect.base import BUNDLED_MODEL, MODELS_DIR, load_detector
 from geomask.detect.checkpoint import CheckpointMeta, export_half, load_checkpoint, save_checkpoint
-from geomask.detect.maskrcnn import BUNDLED_MODEL, MODELS_DIR, build, build_model
+from geomask.detect.maskrcnn import build, build_model
 from geomask.errors import DetectorError, WeightsError
 
 META = CheckpointMeta(
@@ -160,3 +160,16 @@ def test_bundled_model() -> None:
     else:
         with pytest.raises(WeightsError, match="no bundled model"):
             build()
+
+
+def test_shipped_models_by_name() -> None:
+    """``weights: trees`` (or ``buildings``) names a model shipped in the package; checkpoints carry their hints."""
+    from geomask.detect.base import BUNDLED_MODELS
+
+    trees = build("trees", device="cpu")
+    assert trees.classes == ("tree",) and trees.hints.gsd_m == pytest.approx(0.1) and trees.hints.tile_size_px == 256
+    meta = load_checkpoint(MODELS_DIR / BUNDLED_MODELS["trees"]).meta
+    assert meta is not None and "NEON" in meta.attribution and meta.metrics["heldout_f1"] > 0.5
+    assert build("buildings", device="cpu").classes == ("building",)
+    with pytest.raises(WeightsError, match="forest"):  # an unknown name is a (missing) path, with its one-line error
+        build("forest")

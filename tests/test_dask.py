@@ -262,11 +262,14 @@ def test_bad_inputs_on_the_dask_path_are_one_line(client: Client, scenes: list[t
 
 
 def test_a_new_bundled_model_is_a_changed_model_for_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import workflows.store as store
+    import geomask.detect.base as base
+    from workflows.store import DEFAULT_DETECTOR, model_hash
 
-    monkeypatch.setattr(store, "MODELS_DIR", tmp_path)
-    (tmp_path / store.BUNDLED_MODEL).write_bytes(b"weights of release 1")
-    first = store.model_hash(store.DEFAULT_DETECTOR, {})
-    assert store.model_hash(store.DEFAULT_DETECTOR, {"device": "cpu"}) != first  # options count too
-    (tmp_path / store.BUNDLED_MODEL).write_bytes(b"weights of release 2")
-    assert store.model_hash(store.DEFAULT_DETECTOR, {}) != first
+    monkeypatch.setattr(base, "MODELS_DIR", tmp_path)
+    for name, file in base.BUNDLED_MODELS.items():
+        (tmp_path / file).write_bytes(b"weights of release 1")
+        options = {} if name == "buildings" else {"weights": name}
+        first = model_hash(DEFAULT_DETECTOR, options)
+        assert model_hash(DEFAULT_DETECTOR, {**options, "device": "cpu"}) != first  # options count too
+        (tmp_path / file).write_bytes(b"weights of release 2")
+        assert model_hash(DEFAULT_DETECTOR, options) != first, name

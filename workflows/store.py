@@ -32,7 +32,7 @@ import shapely
 from shapely.geometry import MultiPolygon
 
 from geomask.config import DEFAULT_DETECTOR, Config
-from geomask.detect.base import BUNDLED_MODEL, MODELS_DIR
+from geomask.detect.base import bundled_model_path
 from geomask.errors import ConfigError, GeomaskError
 from geomask.instances import Instance
 from geomask.vectorize import Feature
@@ -70,8 +70,9 @@ def _file_digest(path: Path) -> str:
 def model_hash(factory: str, options: dict[str, Any]) -> str:
     """Hash the detector factory, its options and the content of every file an option names (weights, or the bundled model)."""
     digest = hashlib.sha256(json.dumps({"factory": factory, "options": options}, sort_keys=True, default=str).encode())
-    if factory == DEFAULT_DETECTOR and not options.get("weights"):  # the bundled model: a new release may ship new weights
-        digest.update(_file_digest(MODELS_DIR / BUNDLED_MODEL).encode())
+    shipped = bundled_model_path(options.get("weights")) if factory == DEFAULT_DETECTOR else None
+    if shipped is not None and shipped.is_file():  # a shipped model: a new release may ship new weights
+        digest.update(_file_digest(shipped).encode())
     for key in sorted(options):
         value = options[key]
         if isinstance(value, str | os.PathLike) and Path(value).is_file():

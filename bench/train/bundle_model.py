@@ -4,8 +4,8 @@ Usage: .venv/bin/python bench/train/bundle_model.py CHECKPOINT [--scores runs/ev
        [-o geomask/models/buildings_r18.pt]
 
 Training-time chip metrics are kept only when they were measured at the checkpoint's own iteration.
-``--scores`` is the JSON written by ``geomask evaluate --json`` (bench/train/eval_buildings.sh); its
-overall precision/recall/F1/AP are stored as ``heldout_*`` metrics beside the training-time chip metrics.
+``--scores`` is the JSON written by ``geomask evaluate --json`` (bench/train/eval_buildings.sh) or by
+bench/train/eval_trees.py --json; its overall precision/recall/F1/AP are stored as ``heldout_*`` metrics beside the training-time chip metrics.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from geomask.detect.checkpoint import export_half, load_checkpoint
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
-    parser.add_argument("--scores", help="geomask evaluate --json output for the held-out area")
+    parser.add_argument("--scores", help="geomask evaluate --json (or eval_trees.py --json) output for the held-out data")
     parser.add_argument("-o", "--output", default="geomask/models/buildings_r18.pt")
     args = parser.parse_args()
     meta = load_checkpoint(args.checkpoint).meta
@@ -28,7 +28,8 @@ def main() -> None:
     if meta is not None and metrics.get("iteration") != meta.training.get("iterations"):
         metrics = {}  # chip metrics of another iteration (older .last.pt files stored the best model's): drop them
     if args.scores:
-        overall = json.loads(Path(args.scores).read_text())["overall"]
+        scores = json.loads(Path(args.scores).read_text())
+        overall = scores["overall"] if "overall" in scores else scores["all"]  # geomask evaluate / eval_trees.py
         for key in ("precision", "recall", "f1", "ap", "ap50", "ap75"):
             if overall.get(key) is not None:
                 metrics[f"heldout_{key}"] = float(overall[key])

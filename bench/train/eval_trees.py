@@ -64,7 +64,15 @@ def main() -> None:
     p = total["tp"] / total["n_pred"] if total["n_pred"] else 0.0
     r = total["tp"] / total["n_truth"] if total["n_truth"] else 0.0
     f1 = 2 * p * r / (p + r) if p + r else 0.0
-    results["all"] = {**total, "precision": p, "recall": r, "f1": f1, "plots": args.plots}
+    results["all"] = {
+        **total,
+        "fp": total["n_pred"] - total["tp"],
+        "fn": total["n_truth"] - total["tp"],
+        "precision": p,
+        "recall": r,
+        "f1": f1,
+    }
+    results["plots"] = args.plots
     print("box IoU >= 0.5, one-to-one")
     print(format_scores(rows))
     print(f"all plots: truth {total['n_truth']}, pred {total['n_pred']}, TP {total['tp']}, precision {p:.3f}, recall {r:.3f}, F1 {f1:.3f}")

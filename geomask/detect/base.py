@@ -25,6 +25,15 @@ from geomask.tiling import Tile
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 BUNDLED_MODEL = "buildings_r18.pt"  # what the built-in Mask R-CNN loads when no weights are given
+BUNDLED_MODELS = {"buildings": BUNDLED_MODEL, "trees": "trees_r18.pt"}  # `weights: trees` names a shipped model
+
+
+def bundled_model_path(weights: str | None) -> Path | None:
+    """Return the file of a shipped model named by ``weights`` (``None`` → the default), else ``None``."""
+    if weights is None:
+        return MODELS_DIR / BUNDLED_MODEL
+    name = BUNDLED_MODELS.get(weights)
+    return MODELS_DIR / name if name is not None else None
 
 
 @dataclass(frozen=True)

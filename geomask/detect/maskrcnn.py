@@ -30,7 +30,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from geomask.detect.base import BUNDLED_MODEL, MODELS_DIR, ModelHints, TileImage
+from geomask.detect.base import ModelHints, TileImage, bundled_model_path
 from geomask.detect.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint
 from geomask.errors import DetectorError, WeightsError
 from geomask.instances import Instance
@@ -311,7 +311,8 @@ def build(
 
     Args:
         weights: A geomask checkpoint or torchvision state dict path, ``coco``/``coco_v2`` (torchvision
-            COCO weights, downloaded when online), or ``None`` for the bundled buildings model.
+            COCO weights, downloaded when online), the name of a shipped model (``buildings``, ``trees``),
+            or ``None`` for the bundled buildings model.
         arch: Architecture; default: the checkpoint's (``resnet50_fpn`` for a plain state dict).
         device: ``auto`` (CUDA if present), ``cpu``, ``cuda`` or ``cuda:N``.
         score_threshold: Instances scoring below this are dropped.
@@ -338,8 +339,9 @@ def build(
         ckpt = Checkpoint(None, state)
         default_classes: Sequence[str] = names
     else:
-        path = Path(weights) if weights is not None else MODELS_DIR / BUNDLED_MODEL
-        if weights is None and not path.is_file():
+        shipped = bundled_model_path(weights)
+        path = shipped if shipped is not None else Path(str(weights))
+        if shipped is not None and not path.is_file():
             raise WeightsError(
                 f"no bundled model at {path}; pass weights (a checkpoint from `geomask train`, or 'coco' when online) via --weights"
             )
