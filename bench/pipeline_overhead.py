@@ -39,23 +39,6 @@ from geomask.detect.maskrcnn import build, build_model
 from geomask.pipeline import plan_raster, read_batches, resolve_config, run_serial
 
 
-def _dask_run(image: str, out: Path, cfg: Config, repeat: int) -> float:
-    """Best wall time of the distributed job on a local cluster of one worker (start-up excluded)."""
-    from workflows.cluster import connect
-    from workflows.inputs import plan_outputs
-    from workflows.job import run_job
-
-    with connect(cfg.dask) as client:
-        client.run(lambda: None)  # the worker is up and has imported geomask before the clock starts
-        best = float("inf")
-        for _ in range(repeat):
-            out.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            run_job(client, [Path(image)], plan_outputs(str(out), [Path(image)]), cfg, progress_every_s=60.0)
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def _calibrate(image: str, weights: str, args: argparse.Namespace) -> float:
     """Score threshold at which random weights give about ``--per-tile`` instances per tile.
 
@@ -135,7 +118,11 @@ def main() -> None:
             e2e_times.append(time.perf_counter() - t0)
         model_only, end_to_end = min(model_times), min(e2e_times)
         del det
-        dask_s = _dask_run(image, Path(d) / "dask.gpkg", cfg, args.repeat) if args.dask else None
+        dask_s = None
+        if args.dask:
+            from dask_scaling import _run as run_on_local_cluster  # best job time, cluster start-up excluded
+
+            dask_s = run_on_local_cluster(Path(image), cfg, Path(d) / "dask.gpkg", args.repeat)[0]
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(
         f"# pipeline overhead ({platform.node()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch {torch.__version__}, {device})"

@@ -65,10 +65,6 @@ def _bounds(w: Window) -> tuple[int, int, int, int]:
     return (int(w.col_off), int(w.row_off), int(w.col_off + w.width), int(w.row_off + w.height))
 
 
-def _window_bounds(tile: Tile) -> tuple[int, int, int, int]:
-    return _bounds(tile.read)
-
-
 def _mask_area_in(inst: Instance, zone: tuple[int, int, int, int]) -> int:
     c0, r0, c1, r1 = zone
     return int(inst.mask[r0 - inst.row_off : r1 - inst.row_off, c0 - inst.col_off : c1 - inst.col_off].sum())
@@ -76,7 +72,7 @@ def _mask_area_in(inst: Instance, zone: tuple[int, int, int, int]) -> int:
 
 def ios_in_shared_zone(a: Instance, b: Instance, tile_a: Tile, tile_b: Tile) -> float:
     """Return intersection over the smaller area, both areas counted inside the zone both tiles read."""
-    shared = _overlap(_window_bounds(tile_a), _window_bounds(tile_b))
+    shared = _overlap(_bounds(tile_a.read), _bounds(tile_b.read))
     if shared is None:
         return 0.0
     za, zb = _overlap(a.bounds(), shared), _overlap(b.bounds(), shared)

@@ -25,7 +25,7 @@ from geomask.export import check_writable, to_frame, write_frame, write_text_ato
 from geomask.instances import Instance, from_mask
 from geomask.merge import merge_across_tiles
 from geomask.raster import Grid, NormStats, RasterInfo, RasterReader, compute_norm_stats, inspect_raster, resolve_bands, working_grid
-from geomask.tiling import Tile, plan_tiles
+from geomask.tiling import Tile, default_overlap_px, plan_tiles
 from geomask.vectorize import Feature, sort_features, vectorize_instances
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     elif config.tiling.overlap_m is not None:
         overlap = max(1, round(config.tiling.overlap_m / grid.gsd_m))
     else:
-        overlap = max(1, size // 8)
+        overlap = default_overlap_px(size)
     resolved = merge_overrides(config, {"tiling.size_px": size, "tiling.overlap_px": overlap, "tiling.overlap_m": None})
     tiles = plan_tiles(grid.width, grid.height, size, overlap)
     log.info(

@@ -67,6 +67,11 @@ def _window(rows: tuple[int, int], cols: tuple[int, int]) -> Window:
     return Window(cols[0], rows[0], cols[1] - cols[0], rows[1] - rows[0])
 
 
+def default_overlap_px(size_px: int) -> int:
+    """Return the overlap used when none is configured: an eighth of the tile side."""
+    return max(1, size_px // 8)
+
+
 def plan_tiles(width_px: int, height_px: int, size_px: int, overlap_px: int) -> list[Tile]:
     """Plan overlapping tiles covering a ``width_px`` × ``height_px`` raster.
 
@@ -87,7 +92,7 @@ def plan_tiles(width_px: int, height_px: int, size_px: int, overlap_px: int) -> 
     if not 1 <= overlap_px < size_px:
         raise ConfigError(
             f"tiling.overlap_px must be at least 1 and less than tiling.size_px ({size_px}), got {overlap_px}; "
-            f"try overlap_px: {max(1, size_px // 8)}"
+            f"try overlap_px: {default_overlap_px(size_px)}"
         )
     row_spans = _axis_spans(height_px, size_px, overlap_px)
     col_spans = _axis_spans(width_px, size_px, overlap_px)

@@ -65,12 +65,11 @@ def _tiles(
         overlap = overlap if overlap is not None else side_overlap
     elif overlap is None and tile_size == side_size:
         overlap = side_overlap
-    if overlap is None:
-        overlap = max(1, tile_size // 8)
-    if not 1 <= overlap < tile_size:
-        raise ConfigError(f"--overlap must be at least 1 and less than --tile-size ({tile_size}), got {overlap}")
     from geomask.raster import inspect_raster, working_grid
-    from geomask.tiling import plan_tiles
+    from geomask.tiling import default_overlap_px, plan_tiles
+
+    if overlap is None:
+        overlap = default_overlap_px(tile_size)
 
     info = inspect_raster(tiles_from)
     grid = working_grid(info, gsd)
