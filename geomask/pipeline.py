@@ -47,6 +47,24 @@ class RasterPlan:
     def reader(self) -> RasterReader:
         return RasterReader(self.info, self.grid, self.bands, self.stats, self.config.raster.expand_gray)
 
+    @property
+    def tile_channels(self) -> int:
+        """Bands per tile the reader produces (a single gray band is expanded to 3 when ``expand_gray``)."""
+        return 3 if len(self.bands) == 1 and self.config.raster.expand_gray else len(self.bands)
+
+
+def check_channels(plan: RasterPlan, detector_name: str, hints: ModelHints) -> None:
+    """Raise :class:`DetectorError` when ``plan``'s tiles have another band count than the model takes.
+
+    Checked before any tile is read, so a wrong ``raster.bands`` stops the job in one line.
+    """
+    if hints.channels is not None and plan.tile_channels != hints.channels:
+        example = list(range(1, hints.channels + 1))
+        raise DetectorError(
+            f"{plan.info.path}: {detector_name} takes {hints.channels}-band tiles but raster.bands selects {plan.bands}; "
+            f"set raster.bands to {hints.channels} bands (e.g. {example})"
+        )
+
 
 @dataclass
 class RunSummary:
@@ -232,6 +250,7 @@ def predict_raster(path: str | Path, config: Config, detector: Detector) -> tupl
     """Run every step on one raster in this process; return the plan, features and a summary."""
     t0 = time.perf_counter()
     plan = plan_raster(path, resolve_config(config, detector.hints))
+    check_channels(plan, detector.name, detector.hints)
     instances, skipped = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size)
     merged = merge_across_tiles(instances, plan.tiles, plan.config.merge.ios_threshold)
     feats = vectorize_plan(plan, merged)

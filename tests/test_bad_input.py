@@ -213,12 +213,14 @@ def test_overlap_option_replaces_an_overlap_in_metres(tmp_path: Path, scene: tup
     assert (resolved["tiling"]["overlap_px"], resolved["tiling"]["overlap_m"]) == (12, None)
 
 
-def test_band_selection_the_model_cannot_take_is_one_line_on_dask(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("mode", [["--workers", "1"], ["--serial"]], ids=["dask", "serial"])
+def test_band_selection_the_model_cannot_take_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: list[str]) -> None:
+    """The model declares the bands it takes (``ModelHints.channels``); a selection giving others stops before any tile."""
     two_bands = write_raster(tmp_path / "two.tif", np.random.default_rng(0).integers(1, 255, (2, 200, 200)).astype(np.uint8))
     cfg = tmp_path / "two_bands.yaml"
     cfg.write_text(yaml.safe_dump({"raster": {"bands": [1, 2]}}))
-    code, err = run_cli(["predict", str(two_bands), "-o", str(tmp_path / "out.gpkg"), "-c", str(cfg), "--workers", "1"], capsys)
+    code, err = run_cli(["predict", str(two_bands), "-o", str(tmp_path / "out.gpkg"), "-c", str(cfg), *mode], capsys)
     errors = [ln for ln in err.splitlines() if "error" in ln.lower()]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert "needs 3 bands" in errors[0] and "raster.bands" in errors[0]
+    assert "takes 3-band tiles but raster.bands selects [1, 2]" in errors[0] and "e.g. [1, 2, 3]" in errors[0]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]

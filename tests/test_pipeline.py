@@ -207,3 +207,22 @@ def test_prefetch_thread_ends_when_the_consumer_stops_early() -> None:
         for _ in prefetch(itertools.count(), depth=1):
             raise RuntimeError("boom")
     assert alive() == before
+
+
+def test_a_model_declares_the_bands_it_takes(tmp_path: Path) -> None:
+    """``ModelHints.channels`` is checked against the band selection before any tile is read, for any detector."""
+    import dataclasses
+
+    from geomask.errors import DetectorError
+
+    labels = make_scene(200, 200, 5, seed=3)
+    image, label_path = write_scene(tmp_path, labels, Affine(0.25, 0, 500_000.0, 0, -0.25, 5_000_000.0), "EPSG:32633")
+    detector = truth_detector(str(label_path))
+    detector.hints = dataclasses.replace(detector.hints, channels=1)
+    with pytest.raises(DetectorError, match=r"takes 1-band tiles but raster.bands selects \[1, 2, 3\]; set raster.bands to 1 bands"):
+        predict_raster(image, truth_config(label_path, size=128, overlap=16), detector)
+    with pytest.raises(DetectorError, match=r"selects \[2\]"):  # one band, expanded to 3 as gray
+        predict_raster(image, truth_config(label_path, size=128, overlap=16, **{"raster.bands": [2]}), detector)
+    cfg = truth_config(label_path, size=128, overlap=16, **{"raster.bands": [2], "raster.expand_gray": False})
+    _, feats, _ = predict_raster(image, cfg, detector)
+    assert len(feats) == len(np.unique(labels)) - 1 > 0

@@ -24,10 +24,10 @@ from typing import Any, cast
 import pandas as pd
 from distributed import Client, Future, as_completed
 
-from geomask.config import DEFAULT_DETECTOR, Config, dump_config
+from geomask.config import Config, dump_config
 from geomask.errors import DetectorError, ExportError, GeomaskError
 from geomask.export import to_frame, write_frame, write_text_atomic
-from geomask.pipeline import RasterPlan, config_sidecar, new_run_id, resolve_config
+from geomask.pipeline import RasterPlan, check_channels, config_sidecar, new_run_id, resolve_config
 from geomask.vectorize import Feature, sort_features
 from workflows.blocks import Block, BlockTree
 from workflows.inputs import OutputLayout
@@ -173,14 +173,8 @@ class _Job:
             if isinstance(result, GeomaskError):
                 raise result  # a bad input: one line on the client (exit code 2), as with --serial
         plans = cast(list[RasterPlan], planned)
-        if self.config.detector.factory == DEFAULT_DETECTOR:
-            for plan in plans:  # a wrong band selection would fail every tile: stop now, in one line, as --serial does
-                n_bands = 3 if len(plan.bands) == 1 and plan.config.raster.expand_gray else len(plan.bands)
-                if n_bands != 3:
-                    raise DetectorError(
-                        f"{plan.info.path}: the built-in Mask R-CNN needs 3 bands, raster.bands selects {plan.bands}; "
-                        "set raster.bands to three bands (e.g. [1, 2, 3])"
-                    )
+        for plan in plans:  # a wrong band selection would fail every tile: stop now, in one line, as --serial does
+            check_channels(plan, info.name, info.hints)
         names = [Path(p.info.path).name for p in plans]
         unique = len(set(names)) == len(names)
         if self.layout.combined is not None and len({p.info.crs for p in plans}) > 1:

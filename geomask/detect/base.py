@@ -53,13 +53,19 @@ class TileImage:
 
 @dataclass(frozen=True)
 class ModelHints:
-    """Settings a model was trained with, so users need not repeat them (all optional)."""
+    """Settings a model was trained with, so users need not repeat them (all optional).
+
+    ``channels`` is the number of bands a tile must have (``None``: any). The pipeline checks it
+    against each raster's band selection before reading a tile, so a wrong ``raster.bands`` stops
+    a job in one line instead of failing every tile.
+    """
 
     tile_size_px: int | None = None
     gsd_m: float | None = None
     bands: tuple[int, ...] | None = None
     normalize_mode: str | None = None
     percentiles: tuple[float, float] | None = None
+    channels: int | None = None
 
 
 @runtime_checkable

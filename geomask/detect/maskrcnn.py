@@ -12,6 +12,7 @@ is a pixel out. Rasters smaller than a tile therefore work unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections import OrderedDict
@@ -362,9 +363,9 @@ def build(
     tile = tile_size_px or (meta.tile_size_px if meta is not None else DEFAULT_TILE_SIZE_PX)
     model = build_model(the_arch, n, tile, detections_per_img)
     load_weights(model, ckpt.state_dict, source, the_arch)
-    hints = meta.hints() if meta is not None else ModelHints()
+    hints = dataclasses.replace(meta.hints() if meta is not None else ModelHints(), channels=3)
     if tile_size_px is not None:
-        hints = ModelHints(tile_size_px, hints.gsd_m, hints.bands, hints.normalize_mode, hints.percentiles)
+        hints = dataclasses.replace(hints, tile_size_px=tile_size_px)
     name = f"maskrcnn-{the_arch}:{Path(source).name if weights not in COCO_WEIGHTS else weights}"
     log.info("loaded %s (%d classes) on %s", name, n, dev)
     return MaskRCNNDetector(model, names_out, hints, name, dev, score_threshold, mask_threshold, amp)
