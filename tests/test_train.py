@@ -188,6 +188,29 @@ def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
         train([str(image)], [str(labels)], out, dataclasses.replace(short, arch="resnet18_fpn"), resume=True)
 
 
+def test_weight_average_is_what_gets_validated_saved_and_resumed(tmp_path: Path) -> None:
+    """With ``ema_decay`` the output holds the moving average (not the last step), ``keep="last"``
+    writes the latest weights whatever their score, and resuming carries the average on."""
+    image, labels, _ = square_scene(tmp_path, "e", 7, size=160, n=6)
+    short = dataclasses.replace(
+        SETTINGS, iterations=4, val_every=2, log_every=1, batch_size=2, rois_per_image=32, ema_decay=0.9, keep="last"
+    )
+    out = tmp_path / "e.pt"
+    train([str(image)], [str(labels)], out, dataclasses.replace(short, iterations=2))
+    train([str(image)], [str(labels)], out, short, resume=True)
+    last = load_checkpoint(out.with_name("e.pt.last.pt"))
+    saved = load_checkpoint(out)
+    assert last.train_state is not None and last.train_state["ema_steps"] == 4
+    assert saved.meta is not None and saved.meta.metrics["iteration"] == 4  # the latest, not the best
+    average = last.train_state["ema"]
+    assert all(torch.equal(saved.state_dict[k], v) for k, v in average.items())
+    floats = [k for k, v in average.items() if v.is_floating_point()]
+    assert any(not torch.equal(average[k], last.state_dict[k]) for k in floats)  # an average, not the last step
+    for bad, match in (({"ema_decay": 1.0}, "ema_decay"), ({"keep": "worst"}, "keep")):
+        with pytest.raises(ConfigError, match=match):
+            train([str(image)], [str(labels)], tmp_path / "x.pt", dataclasses.replace(short, **bad))  # type: ignore[arg-type]
+
+
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from workflows.cli import main
 
@@ -195,10 +218,32 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.pt"
     args = ["train", "--images", str(image), "--labels", str(labels), "-o", str(out), "--arch", "tiny_fpn", "--native-gsd"]
     main([*args, "--iterations", "2", "--val-every", "2", "--chip-size", "64", "--batch-size", "2", "--threads", "1", "--classes", "sq"])
-    assert "2 iterations" in capsys.readouterr().out
+    main(
+        [
+            *args,
+            "--iterations",
+            "2",
+            "--val-every",
+            "1",
+            "--chip-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+            "--classes",
+            "sq",
+            "--ema",
+            "0.9",
+            "--keep",
+            "last",
+        ]
+    )
+    assert capsys.readouterr().out.count("2 iterations") == 2
     ckpt = load_checkpoint(out)
     assert ckpt.meta is not None and ckpt.meta.classes == ("sq",) and ckpt.meta.gsd_m is None
     assert ckpt.meta.training["command"].startswith("geomask train --images") and "--arch tiny_fpn" in ckpt.meta.training["command"]
+    assert "--ema 0.9 --keep last" in ckpt.meta.training["command"] and json.loads(ckpt.meta.training["settings"])["ema_decay"] == 0.9
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  bogus: 1\n")
     with pytest.raises(SystemExit) as exc:

@@ -11,13 +11,15 @@ raster), so training and inference see identical pixel values.
 Validation is by file (whole rasters, normally a whole area held out), never by random chips: chips
 of one area are strongly correlated, and a random split would measure memory, not generalisation.
 Every ``val_every`` iterations (one "epoch") the model is scored on a fixed grid of validation
-chips (F1 at mask IoU 0.5, one-to-one); the best model is written to ``output``; the full training
+chips (F1 at mask IoU 0.5, one-to-one); the best model (or, with ``keep="last"``, the latest) is
+written to ``output`` (the moving average of the weights when ``ema_decay`` is set); the full training
 state goes to ``output.last.pt`` every ``checkpoint_every_s`` seconds so a run can be stopped any
 time and resumed.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -89,6 +91,12 @@ class TrainSettings:
             halves the time per iteration at little cost in accuracy.
         val_score_threshold: Score threshold for validation F1.
         log_every: Iterations between loss log lines.
+        ema_decay: Keep an exponential moving average of the weights with this decay (e.g. 0.998, a
+            horizon of ~500 iterations); validation and the written model use the average, which is
+            steadier than the last step's weights when batches are small and noisy. ``None``: off.
+        keep: Which weights ``output`` holds: ``best`` (best validation F1) or ``last`` (the weights
+            at each validation, finally the last). Use ``last`` when the validation rasters are also
+            your test set, so that choosing a checkpoint does not peek at the test.
     """
 
     arch: str = "resnet18_fpn"
@@ -119,6 +127,8 @@ class TrainSettings:
     attribution: str = ""
     val_score_threshold: float = 0.5
     log_every: int = 10
+    ema_decay: float | None = None
+    keep: str = "best"
 
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid setting."""
@@ -142,6 +152,10 @@ class TrainSettings:
             raise ConfigError(f"lr must be positive, got {self.lr}")
         if not self.classes:
             raise ConfigError("classes must name at least one class")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in (0, 1), e.g. 0.998, got {self.ema_decay}")
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"keep must be 'best' or 'last', got {self.keep!r}")
 
 
 @dataclass
@@ -499,6 +513,35 @@ def _init_weights(model: torch.nn.Module, init: str, num_classes: int, arch: str
     return replaced
 
 
+class _Ema:
+    """An exponential moving average of a model's weights (BatchNorm statistics included).
+
+    The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` over the first updates, so the average
+    is not dominated by the initial weights.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.steps = 0
+
+    def load(self, state: dict[str, torch.Tensor], steps: int) -> None:
+        self.model.load_state_dict(state)
+        self.steps = steps
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        for avg, cur in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if avg.is_floating_point():
+                avg.mul_(d).add_(cur.detach(), alpha=1.0 - d)
+            else:
+                avg.copy_(cur)
+
+
 class _Logger:
     """Loss/metric lines to the Python log and, as JSON, to a ``.log.jsonl`` file beside the output."""
 
@@ -573,6 +616,7 @@ def train(
     start_it, best_f1, elapsed0 = 0, -1.0, 0.0
     best_metrics: dict[str, float] = {}
     history: list[dict[str, float]] = []
+    resume_state: dict[str, Any] = {}
     if resume:
         ckpt = load_checkpoint(last_path)
         if ckpt.meta is None or ckpt.train_state is None:
@@ -581,6 +625,7 @@ def train(
             raise WeightsError(f"{last_path} was trained as {ckpt.meta.arch!r}, not {settings.arch!r}; pass --arch {ckpt.meta.arch}")
         model.load_state_dict(ckpt.state_dict)
         opt.load_state_dict(ckpt.train_state["optimizer"])
+        resume_state = ckpt.train_state
         start_it = int(ckpt.train_state["iteration"])
         best_f1 = float(ckpt.train_state.get("best_f1", -1.0))
         elapsed0 = float(ckpt.train_state.get("elapsed_s", 0.0))
@@ -589,6 +634,10 @@ def train(
         log.info("resumed from %s at iteration %d (best val F1 %.3f)", last_path, start_it, best_f1)
     elif settings.init:
         _init_weights(model, settings.init, n_classes, settings.arch)
+    ema = _Ema(model, settings.ema_decay) if settings.ema_decay is not None else None
+    if ema is not None and "ema" in resume_state:
+        ema.load(resume_state["ema"], int(resume_state.get("ema_steps", 0)))
+    eval_model = ema.model if ema is not None else model
     log.info(
         "model %s: %.1f M parameters on %s (%d threads)", settings.arch, count_parameters(model) / 1e6, device, torch.get_num_threads()
     )
@@ -644,20 +693,25 @@ def train(
         nonlocal best_f1, best_metrics
         if not val_chips:
             metrics = {"iteration": float(it)}
-            save_checkpoint(out, meta(metrics, it, seconds), model.state_dict())
+            save_checkpoint(out, meta(metrics, it, seconds), eval_model.state_dict())
             return metrics
-        det = MaskRCNNDetector(model, classes, ModelHints(), "training", device, settings.val_score_threshold, 0.5, settings.amp)
+        det = MaskRCNNDetector(eval_model, classes, ModelHints(), "training", device, settings.val_score_threshold, 0.5, settings.amp)
         metrics = evaluate_chips(det, val_chips, settings.batch_size)
         metrics["iteration"] = float(it)
         model.train()
         if metrics["val_f1"] > best_f1:
             best_f1, best_metrics = metrics["val_f1"], dict(metrics)
-            save_checkpoint(out, meta(metrics, it, seconds), model.state_dict())
-            log.info("new best val F1 %.3f at iteration %d -> %s", best_f1, it, out)
+            if settings.keep == "best":
+                save_checkpoint(out, meta(metrics, it, seconds), eval_model.state_dict())
+                log.info("new best val F1 %.3f at iteration %d -> %s", best_f1, it, out)
+        if settings.keep == "last":
+            save_checkpoint(out, meta(metrics, it, seconds), eval_model.state_dict())
         return metrics
 
     def save_last(it: int, seconds: float) -> None:
         state = {"optimizer": opt.state_dict(), "iteration": it, "best_f1": best_f1, "elapsed_s": seconds, "best_metrics": best_metrics}
+        if ema is not None:
+            state.update(ema=ema.model.state_dict(), ema_steps=ema.steps)
         # The metadata describes *this* model: its latest validation, not the best one's.
         latest = history[-1] if history and history[-1].get("iteration") == it else {}
         save_checkpoint(last_path, meta(latest, it, seconds), model.state_dict(), train_state=state)
@@ -690,6 +744,8 @@ def train(
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
                 opt.step()
             it += 1
+            if ema is not None:
+                ema.update(model)
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise ConfigError(f"training loss became {value} at iteration {it}; lower --lr or disable amp")

@@ -76,6 +76,8 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--max-minutes", type=float, help="Stop cleanly after this many minutes.")
 @click.option("--attribution", help="Credit for the training data (stored in the checkpoint).")
 @click.option("--seed", type=int, help="Random seed.")
+@click.option("--ema", "ema_decay", type=float, help="Average the weights with this decay (e.g. 0.998); validate and save the average.")
+@click.option("--keep", type=click.Choice(["best", "last"]), help="OUTPUT holds the best-validating weights (default) or the last.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.last.pt.")
 def train(
     images: tuple[str, ...],
