@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from rasterio.windows import Window
+from torchvision.ops import box_iou
 
 from geomask.detect.base import Detector, TileImage, load_detector
 from geomask.detect.checkpoint import CheckpointMeta, save_checkpoint
@@ -94,6 +95,23 @@ def test_factory_through_load_detector(tmp_path: Path) -> None:
     path = save_checkpoint(tmp_path / "t.pt", CheckpointMeta("tiny_fpn", ("a",), TILE), build_model("tiny_fpn", 1, TILE).state_dict())
     det = load_detector("geomask.detect.maskrcnn:build", {"weights": str(path), "device": "cpu", "detections_per_img": 7})
     assert isinstance(det, MaskRCNNDetector) and det.model.roi_heads.detections_per_img == 7
+
+
+def test_nms_threshold_limits_the_overlap_of_kept_boxes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = save_checkpoint(tmp_path / "t.pt", CheckpointMeta("tiny_fpn", ("a",), TILE), build_model("tiny_fpn", 1, TILE).state_dict())
+    image = torch.from_numpy(tile_image(0, 0).pixels)
+    counts = {}
+    for nms in (0.7, 0.1):
+        det = build(str(path), device="cpu", score_threshold=0.0, detections_per_img=100, nms_threshold=nms)
+        with torch.no_grad():
+            boxes = det.model.eval()([image])[0]["boxes"]
+        iou = box_iou(boxes, boxes).fill_diagonal_(0.0)
+        assert len(boxes) > 1 and float(iou.max()) <= nms + 1e-6
+        counts[nms] = len(boxes)
+    assert counts[0.1] < counts[0.7]
+    with pytest.raises(DetectorError, match="nms_threshold"):
+        build(str(path), device="cpu", nms_threshold=0.0)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCHS if a != "tiny_fpn"])

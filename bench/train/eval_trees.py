@@ -1,12 +1,18 @@
 """Score a tree-crown model on held-out NEON plots the way users would, with box IoU.
 
 Usage: python bench/train/eval_trees.py MODEL.pt [--config configs/trees.yaml] [--out runs/eval_trees]
-                                        [--plots HARV_026 ...] [--json scores.json]
+                                        [--plots HARV_026 ... | --plots train] [--json scores.json]
+                                        [--sweep 0.3 0.4 ...] [--reuse]
 
 Runs ``geomask predict --serial`` on each plot GeoTIFF, then matches predicted crowns to the hand-drawn
 boxes one to one at box IoU ≥ 0.5 (``geomask.evaluate`` in box mode), per site (each site's plots share
 a CRS) and over all plots (counts summed; AP is per site only). Default plots: the validation plots of
-``bench/train/train_trees.sh`` (never trained on).
+``bench/train/train_trees.sh`` (never trained on); ``--plots train`` scores the training plots instead.
+
+``--sweep`` also prints F1 over all plots for each score threshold (predictions below it dropped):
+run with the config's threshold at or below the lowest value swept. Each NEON plot is one tile with
+``configs/trees.yaml``, so dropping low scores afterwards equals raising ``score_threshold``. Choose a
+threshold on the training plots, not on the held-out ones, to keep the held-out score honest.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import pandas as pd
 
 from geomask.evaluate import evaluate_frames, format_scores
 
+SKIP = ["HARV_022", "HARV_024", "HARV_036", "HARV_040", "HARV_042", "TEAK_045", "TEAK_054", "TEAK_060"]  # under-annotated
 VAL = ["HARV_026", "HARV_041", "SJER_006", "SJER_012", "SJER_045", "SJER_051", "SJER_056", "SJER_061", "TEAK_046", "TEAK_051", "TEAK_057"]
 
 
@@ -34,7 +41,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/eval_trees"))
     ap.add_argument("--plots", nargs="+", default=VAL)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--reuse", action="store_true", help="Score the predictions already in --out (no predict).")
+    ap.add_argument("--sweep", type=float, nargs="+", help="Score thresholds to report F1 for (over all plots).")
     args = ap.parse_args()
+    if args.plots == ["train"]:
+        args.plots = sorted(p.stem for p in (args.data / "plots").glob("*.tif") if p.stem not in VAL + SKIP)
     args.out.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("geomask")
     by_site: dict[str, tuple[list[gpd.GeoDataFrame], list[gpd.GeoDataFrame]]] = {}
@@ -43,7 +54,8 @@ def main() -> None:
         cmd = [str(exe), "-q", "predict", "--serial", str(args.data / "plots" / f"{plot}.tif"), "-o", str(out), "--weights", args.model]
         if args.config:
             cmd += ["-c", args.config]
-        subprocess.run(cmd, check=True)
+        if not (args.reuse and out.exists()):
+            subprocess.run(cmd, check=True)
         truth = gpd.read_file(args.data / "labels_geojson" / f"{plot}.geojson")
         pred = gpd.read_file(out).to_crs(truth.crs)
         preds, truths = by_site.setdefault(plot.split("_")[0], ([], []))
@@ -76,8 +88,25 @@ def main() -> None:
     print("box IoU >= 0.5, one-to-one")
     print(format_scores(rows))
     print(f"all plots: truth {total['n_truth']}, pred {total['n_pred']}, TP {total['tp']}, precision {p:.3f}, recall {r:.3f}, F1 {f1:.3f}")
+    if args.sweep:
+        results["sweep"] = sweep(by_site, args.sweep)
+        print("score threshold sweep (all plots): " + ", ".join(f"{t}: F1 {f:.3f}" for t, f in results["sweep"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def sweep(by_site: dict[str, tuple[list[gpd.GeoDataFrame], list[gpd.GeoDataFrame]]], thresholds: list[float]) -> dict[str, float]:
+    """F1 over all plots (counts summed over sites) with predictions below each threshold dropped."""
+    out = {}
+    for t in thresholds:
+        tp = n_pred = n_truth = 0
+        for preds, truths in by_site.values():
+            pred = gpd.GeoDataFrame(pd.concat(preds, ignore_index=True), crs=preds[0].crs)
+            truth = gpd.GeoDataFrame(pd.concat(truths, ignore_index=True), crs=truths[0].crs)
+            ev = evaluate_frames(pred[pred["score"] >= t], truth, box=True, iou_threshold=0.5).overall
+            tp, n_pred, n_truth = tp + ev.tp, n_pred + ev.n_pred, n_truth + ev.n_truth
+        out[f"{t:g}"] = 2 * tp / max(1, n_pred + n_truth)
+    return out
 
 
 if __name__ == "__main__":

@@ -286,7 +286,11 @@ class MaskRCNNDetector:
         return found
 
 
-def _check_options(score_threshold: float, mask_threshold: float, detections_per_img: int, tile_size_px: int | None) -> None:
+def _check_options(
+    score_threshold: float, mask_threshold: float, detections_per_img: int, tile_size_px: int | None, nms_threshold: float
+) -> None:
+    if not 0.0 < nms_threshold <= 1.0:
+        raise DetectorError(f"nms_threshold must be in (0, 1], got {nms_threshold}")
     if not 0.0 <= score_threshold <= 1.0:
         raise DetectorError(f"score_threshold must be in [0, 1], got {score_threshold}")
     if not 0.0 < mask_threshold < 1.0:
@@ -307,6 +311,7 @@ def build(
     amp: bool = True,
     classes: Sequence[str] | None = None,
     tile_size_px: int | None = None,
+    nms_threshold: float = 0.5,
 ) -> MaskRCNNDetector:
     """Build the Mask R-CNN detector (factory ``geomask.detect.maskrcnn:build``).
 
@@ -322,12 +327,15 @@ def build(
         amp: Use float16 autocast on CUDA (ignored on CPU).
         classes: Class names; must match the weights' class count when given.
         tile_size_px: Override the tile size hint (default: the checkpoint's, else 512).
+        nms_threshold: Within a tile, of two detections whose boxes overlap by more than this IoU only
+            the higher-scoring one is kept (torchvision's ``box_nms_thresh``). Lower it for objects
+            that rarely overlap (isolated crowns) to drop double detections of one object.
 
     Raises:
         DetectorError: An option is invalid.
         WeightsError: The weights are missing, unreadable or do not match ``arch``/``classes``.
     """
-    _check_options(score_threshold, mask_threshold, detections_per_img, tile_size_px)
+    _check_options(score_threshold, mask_threshold, detections_per_img, tile_size_px, nms_threshold)
     if arch is not None and arch not in ARCHS:
         raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
     dev = resolve_device(device)
@@ -362,6 +370,7 @@ def build(
         names_out = [f"class_{i}" for i in range(n)]
     tile = tile_size_px or (meta.tile_size_px if meta is not None else DEFAULT_TILE_SIZE_PX)
     model = build_model(the_arch, n, tile, detections_per_img)
+    model.roi_heads.nms_thresh = nms_threshold
     load_weights(model, ckpt.state_dict, source, the_arch)
     hints = dataclasses.replace(meta.hints() if meta is not None else ModelHints(), channels=3)
     if tile_size_px is not None:
