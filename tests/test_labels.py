@@ -105,7 +105,8 @@ def test_bad_inputs(tmp_path: Path) -> None:
     with pytest.raises(LabelError, match="cannot read labels"):
         read_labels([str(junk)], UTM)
     shp = tmp_path / "nocrs.shp"
-    gpd.GeoDataFrame(geometry=[px_box(0, 0, 4, 4)]).to_file(shp, engine="pyogrio")
+    with pytest.warns(UserWarning, match="'crs' was not provided"):  # a file without a CRS, on purpose
+        gpd.GeoDataFrame(geometry=[px_box(0, 0, 4, 4)]).to_file(shp, engine="pyogrio")
     with pytest.raises(LabelError, match="have no CRS"):
         read_labels([str(shp)], UTM)
 
