@@ -21,6 +21,17 @@ def test_every_shipped_config_loads(path: Path) -> None:
     load_config(path)
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_builds_its_detector(path: Path) -> None:
+    """Detector options are free keywords of the factory: a misspelt one fails only when the detector is built."""
+    from geomask.detect.base import load_detector
+
+    cfg = load_config(path)
+    options = {**cfg.detector.options, "device": "cpu"}
+    detector = load_detector(cfg.detector.factory, options)
+    assert detector.hints.channels == 3
+
+
 def test_dump_round_trips(tmp_path: Path) -> None:
     cfg = merge_overrides(Config(), {"tiling.size_px": 300, "detector.options": {"weights": "x.pt"}})
     (tmp_path / "c.yaml").write_text(dump_config(cfg))

@@ -2,7 +2,7 @@
 
 Usage: python bench/train/eval_trees.py MODEL.pt [--config configs/trees.yaml] [--out runs/eval_trees]
                                         [--plots HARV_026 ... | --plots train] [--json scores.json]
-                                        [--sweep 0.3 0.4 ...] [--reuse]
+                                        [--sweep 0.3 0.4 ... --score-floor 0.3] [--reuse]
 
 Runs ``geomask predict --serial`` on each plot GeoTIFF, then matches predicted crowns to the hand-drawn
 boxes one to one at box IoU ≥ 0.5 (``geomask.evaluate`` in box mode), per site (each site's plots share
@@ -10,7 +10,7 @@ a CRS) and over all plots (counts summed; AP is per site only). Default plots: t
 ``bench/train/train_trees.sh`` (never trained on); ``--plots train`` scores the training plots instead.
 
 ``--sweep`` also prints F1 over all plots for each score threshold (predictions below it dropped):
-run with the config's threshold at or below the lowest value swept. Each NEON plot is one tile with
+run with ``--score-floor`` (or the config's threshold) at or below the lowest value swept. Each NEON plot is one tile with
 ``configs/trees.yaml``, so dropping low scores afterwards equals raising ``score_threshold``. Choose a
 threshold on the training plots, not on the held-out ones, to keep the held-out score honest.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import pandas as pd
+import yaml
 
 from geomask.evaluate import evaluate_frames, format_scores
 
@@ -41,6 +42,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/eval_trees"))
     ap.add_argument("--plots", nargs="+", default=VAL)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--score-floor", type=float, help="Predict with this score threshold instead of the config's (for --sweep).")
     ap.add_argument("--reuse", action="store_true", help="Score the predictions already in --out (no predict).")
     ap.add_argument("--sweep", type=float, nargs="+", help="Score thresholds to report F1 for (over all plots).")
     args = ap.parse_args()
@@ -48,6 +50,11 @@ def main() -> None:
         args.plots = sorted(p.stem for p in (args.data / "plots").glob("*.tif") if p.stem not in VAL + SKIP)
     args.out.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("geomask")
+    if args.score_floor is not None:
+        cfg = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
+        cfg.setdefault("detector", {}).setdefault("options", {})["score_threshold"] = args.score_floor
+        args.config = str(args.out / "eval_config.yaml")
+        Path(args.config).write_text(yaml.safe_dump(cfg))
     by_site: dict[str, tuple[list[gpd.GeoDataFrame], list[gpd.GeoDataFrame]]] = {}
     for plot in args.plots:
         out = args.out / f"{plot}.gpkg"

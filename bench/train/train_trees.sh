@@ -7,6 +7,11 @@
 # The 8 plots the data README calls under-annotated are left out of training and validation:
 # their unlabelled crowns would teach the model that crowns are background.
 # Outputs: runs/trees_r18/trees_r18.pt (best by validation F1), .last.pt (resumable), .log.jsonl.
+# The shipped model took three steps (MODEL_CARD_trees.md):
+#   bench/train/train_trees.sh                                             # iterations 0-1000
+#   ITERATIONS=2000 MAX_MINUTES=40 bench/train/train_trees.sh --resume     # to 2000
+#   OUT=runs/trees_ft INIT=runs/trees_r18/trees_r18.pt.last.pt ITERATIONS=1500 MAX_MINUTES=95 \
+#     bench/train/train_trees.sh --lr 3e-4 --ema 0.998 --keep last --seed 2  # fine-tune, weight average, final weights
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-../shared/data/trees_neon}
