@@ -58,12 +58,17 @@ def check_channels(plan: RasterPlan, detector_name: str, hints: ModelHints) -> N
 
     Checked before any tile is read, so a wrong ``raster.bands`` stops the job in one line.
     """
-    if hints.channels is not None and plan.tile_channels != hints.channels:
-        example = list(range(1, hints.channels + 1))
-        raise DetectorError(
-            f"{plan.info.path}: {detector_name} takes {hints.channels}-band tiles but raster.bands selects {plan.bands}; "
-            f"set raster.bands to {hints.channels} bands (e.g. {example})"
-        )
+    want = hints.channels
+    if want is None or plan.tile_channels == want:
+        return
+    where = f"{plan.info.path}: {detector_name} takes {want}-band tiles but raster.bands selects {plan.bands}"
+    if len(plan.bands) == 1 and want in (1, 3):  # a gray band is expanded to 3, or not
+        fix = f"set raster.expand_gray: {'false' if want == 1 else 'true'}"
+    elif plan.info.count >= want:
+        fix = f"set raster.bands to {want} of the raster's {plan.info.count} bands (e.g. {list(range(1, want + 1))})"
+    else:
+        fix = f"the raster has only {plan.info.count} band(s): use imagery with {want} bands or a model trained on {plan.info.count}"
+    raise DetectorError(f"{where}; {fix}")
 
 
 @dataclass

@@ -222,5 +222,5 @@ def test_band_selection_the_model_cannot_take_is_one_line(tmp_path: Path, capsys
     code, err = run_cli(["predict", str(two_bands), "-o", str(tmp_path / "out.gpkg"), "-c", str(cfg), *mode], capsys)
     errors = [ln for ln in err.splitlines() if "error" in ln.lower()]
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
-    assert "takes 3-band tiles but raster.bands selects [1, 2]" in errors[0] and "e.g. [1, 2, 3]" in errors[0]
+    assert "takes 3-band tiles but raster.bands selects [1, 2]" in errors[0] and "the raster has only 2 band(s)" in errors[0]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]

@@ -210,7 +210,8 @@ def test_prefetch_thread_ends_when_the_consumer_stops_early() -> None:
 
 
 def test_a_model_declares_the_bands_it_takes(tmp_path: Path) -> None:
-    """``ModelHints.channels`` is checked against the band selection before any tile is read, for any detector."""
+    """``ModelHints.channels`` is checked against the band selection before any tile is read, for any
+    detector, and the one-line error names the setting that fixes it."""
     import dataclasses
 
     from geomask.errors import DetectorError
@@ -219,10 +220,17 @@ def test_a_model_declares_the_bands_it_takes(tmp_path: Path) -> None:
     image, label_path = write_scene(tmp_path, labels, Affine(0.25, 0, 500_000.0, 0, -0.25, 5_000_000.0), "EPSG:32633")
     detector = truth_detector(str(label_path))
     detector.hints = dataclasses.replace(detector.hints, channels=1)
-    with pytest.raises(DetectorError, match=r"takes 1-band tiles but raster.bands selects \[1, 2, 3\]; set raster.bands to 1 bands"):
-        predict_raster(image, truth_config(label_path, size=128, overlap=16), detector)
-    with pytest.raises(DetectorError, match=r"selects \[2\]"):  # one band, expanded to 3 as gray
-        predict_raster(image, truth_config(label_path, size=128, overlap=16, **{"raster.bands": [2]}), detector)
-    cfg = truth_config(label_path, size=128, overlap=16, **{"raster.bands": [2], "raster.expand_gray": False})
+    base = {"size": 128, "overlap": 16}
+    with pytest.raises(DetectorError, match=r"takes 1-band tiles but raster.bands selects \[1, 2, 3\]; set raster.bands to 1 of the"):
+        predict_raster(image, truth_config(label_path, **base), detector)
+    with pytest.raises(DetectorError, match=r"selects \[2\]; set raster.expand_gray: false"):  # one band, expanded to 3 as gray
+        predict_raster(image, truth_config(label_path, **base, **{"raster.bands": [2]}), detector)
+    cfg = truth_config(label_path, **base, **{"raster.bands": [2], "raster.expand_gray": False})
     _, feats, _ = predict_raster(image, cfg, detector)
     assert len(feats) == len(np.unique(labels)) - 1 > 0
+    detector.hints = dataclasses.replace(detector.hints, channels=3)
+    with pytest.raises(DetectorError, match=r"set raster.expand_gray: true"):
+        predict_raster(image, cfg, detector)
+    detector.hints = dataclasses.replace(detector.hints, channels=4)
+    with pytest.raises(DetectorError, match=r"the raster has only 3 band\(s\)"):
+        predict_raster(image, truth_config(label_path, **base), detector)

@@ -189,26 +189,39 @@ def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
 
 
 def test_weight_average_is_what_gets_validated_saved_and_resumed(tmp_path: Path) -> None:
-    """With ``ema_decay`` the output holds the moving average (not the last step), ``keep="last"``
-    writes the latest weights whatever their score, and resuming carries the average on."""
-    image, labels, _ = square_scene(tmp_path, "e", 7, size=160, n=6)
+    """With ``ema_decay`` the validated and written model is the moving average (not the last step),
+    ``keep="last"`` writes the latest weights whatever their score, ``keep="best"`` the best-scoring
+    ones, and resuming carries the average on (and refuses to drop it silently)."""
+    img_a, lab_a, _ = square_scene(tmp_path, "ea", 7, size=160, n=6)
+    img_b, lab_b, _ = square_scene(tmp_path, "eb", 8, size=160, n=6)
+    data = ([str(img_a), str(img_b)], [str(lab_a), str(lab_b)])
     short = dataclasses.replace(
         SETTINGS, iterations=4, val_every=2, log_every=1, batch_size=2, rois_per_image=32, ema_decay=0.9, keep="last"
     )
     out = tmp_path / "e.pt"
-    train([str(image)], [str(labels)], out, dataclasses.replace(short, iterations=2))
-    train([str(image)], [str(labels)], out, short, resume=True)
+    train(*data, out, dataclasses.replace(short, iterations=2), val_images=[str(img_b)])
+    with pytest.raises(ConfigError, match="weight average; pass --ema"):
+        train(*data, out, dataclasses.replace(short, ema_decay=None), val_images=[str(img_b)], resume=True)
+    result = train(*data, out, short, val_images=[str(img_b)], resume=True)
     last = load_checkpoint(out.with_name("e.pt.last.pt"))
     saved = load_checkpoint(out)
     assert last.train_state is not None and last.train_state["ema_steps"] == 4
-    assert saved.meta is not None and saved.meta.metrics["iteration"] == 4  # the latest, not the best
+    assert saved.meta is not None and saved.meta.metrics["iteration"] == 4 and "val_f1" in saved.meta.metrics  # the latest
     average = last.train_state["ema"]
     assert all(torch.equal(saved.state_dict[k], v) for k, v in average.items())
     floats = [k for k, v in average.items() if v.is_floating_point()]
     assert any(not torch.equal(average[k], last.state_dict[k]) for k in floats)  # an average, not the last step
+    assert result.history[-1]["iteration"] == 4
+
+    best_out = tmp_path / "b.pt"
+    result = train(*data, best_out, dataclasses.replace(short, keep="best"), val_images=[str(img_b)])
+    scores = [h["val_f1"] for h in result.history]
+    best = load_checkpoint(best_out).meta
+    assert best is not None and best.metrics["val_f1"] == max(scores)
+    assert best.metrics["iteration"] == result.history[scores.index(max(scores))]["iteration"]
     for bad, match in (({"ema_decay": 1.0}, "ema_decay"), ({"keep": "worst"}, "keep")):
         with pytest.raises(ConfigError, match=match):
-            train([str(image)], [str(labels)], tmp_path / "x.pt", dataclasses.replace(short, **bad))  # type: ignore[arg-type]
+            train(*data, tmp_path / "x.pt", dataclasses.replace(short, **bad))  # type: ignore[arg-type]
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

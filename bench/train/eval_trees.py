@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--plots", nargs="+", default=VAL)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--score-floor", type=float, help="Predict with this score threshold instead of the config's (for --sweep).")
-    ap.add_argument("--reuse", action="store_true", help="Score the predictions already in --out (no predict).")
+    ap.add_argument("--reuse", action="store_true", help="Score predictions already in --out made with the same model and options.")
     ap.add_argument("--sweep", type=float, nargs="+", help="Score thresholds to report F1 for (over all plots).")
     args = ap.parse_args()
     if args.plots == ["train"]:
@@ -55,13 +55,16 @@ def main() -> None:
         cfg.setdefault("detector", {}).setdefault("options", {})["score_threshold"] = args.score_floor
         args.config = str(args.out / "eval_config.yaml")
         Path(args.config).write_text(yaml.safe_dump(cfg))
+    options = (yaml.safe_load(Path(args.config).read_text()) or {}).get("detector", {}).get("options", {}) if args.config else {}
+    options = {**options, "weights": args.model}
+    threshold = float(options.get("score_threshold", 0.5))
     by_site: dict[str, tuple[list[gpd.GeoDataFrame], list[gpd.GeoDataFrame]]] = {}
     for plot in args.plots:
         out = args.out / f"{plot}.gpkg"
         cmd = [str(exe), "-q", "predict", "--serial", str(args.data / "plots" / f"{plot}.tif"), "-o", str(out), "--weights", args.model]
         if args.config:
             cmd += ["-c", args.config]
-        if not (args.reuse and out.exists()):
+        if not (args.reuse and _made_with(out, options)):
             subprocess.run(cmd, check=True)
         truth = gpd.read_file(args.data / "labels_geojson" / f"{plot}.geojson")
         pred = gpd.read_file(out).to_crs(truth.crs)
@@ -96,10 +99,28 @@ def main() -> None:
     print(format_scores(rows))
     print(f"all plots: truth {total['n_truth']}, pred {total['n_pred']}, TP {total['tp']}, precision {p:.3f}, recall {r:.3f}, F1 {f1:.3f}")
     if args.sweep:
+        if min(args.sweep) < threshold:
+            print(f"warning: predictions stop at score {threshold}; sweep values below it all score as {threshold} (use --score-floor)")
         results["sweep"] = sweep(by_site, args.sweep)
         print("score threshold sweep (all plots): " + ", ".join(f"{t}: F1 {f:.3f}" for t, f in results["sweep"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def _made_with(out: Path, options: dict[str, object]) -> bool:
+    """True when ``out`` exists and its predict sidecar records these detector options (same weights)."""
+    sidecar = out.with_name(out.name + ".config.yaml")
+    if not (out.exists() and sidecar.exists()):
+        return False
+    recorded = dict(yaml.safe_load(sidecar.read_text())["detector"]["options"])
+
+    def weights(value: object) -> str:
+        path = Path(str(value))
+        return str(path.resolve()) if path.exists() else str(value)
+
+    return weights(recorded.pop("weights", None)) == weights(options["weights"]) and recorded == {
+        k: v for k, v in options.items() if k != "weights"
+    }
 
 
 def sweep(by_site: dict[str, tuple[list[gpd.GeoDataFrame], list[gpd.GeoDataFrame]]], thresholds: list[float]) -> dict[str, float]:

@@ -221,7 +221,7 @@ class MaskRCNNDetector:
     ):
         self.model = model.to(device).eval()
         self.classes = tuple(classes)
-        self.hints = hints
+        self.hints = dataclasses.replace(hints, channels=3)  # torchvision's transform normalises 3 bands
         self.name = name
         self.device = device
         self.mask_threshold = mask_threshold
@@ -372,7 +372,7 @@ def build(
     model = build_model(the_arch, n, tile, detections_per_img)
     model.roi_heads.nms_thresh = nms_threshold
     load_weights(model, ckpt.state_dict, source, the_arch)
-    hints = dataclasses.replace(meta.hints() if meta is not None else ModelHints(), channels=3)
+    hints = meta.hints() if meta is not None else ModelHints()
     if tile_size_px is not None:
         hints = dataclasses.replace(hints, tile_size_px=tile_size_px)
     name = f"maskrcnn-{the_arch}:{Path(source).name if weights not in COCO_WEIGHTS else weights}"

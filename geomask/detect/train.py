@@ -563,7 +563,7 @@ def train(
     resume: bool = False,
     command: str = "",
 ) -> TrainResult:
-    """Train a Mask R-CNN and write the best checkpoint to ``output``.
+    """Train a Mask R-CNN and write the best (or, with ``settings.keep == "last"``, the latest) checkpoint to ``output``.
 
     Args:
         images: Raster paths or globs.
@@ -635,6 +635,8 @@ def train(
     elif settings.init:
         _init_weights(model, settings.init, n_classes, settings.arch)
     ema = _Ema(model, settings.ema_decay) if settings.ema_decay is not None else None
+    if "ema" in resume_state and ema is None:
+        raise ConfigError(f"{last_path} was trained with a weight average; pass --ema (ema_decay) again to resume it")
     if ema is not None and "ema" in resume_state:
         ema.load(resume_state["ema"], int(resume_state.get("ema_steps", 0)))
     eval_model = ema.model if ema is not None else model
@@ -712,8 +714,9 @@ def train(
         state = {"optimizer": opt.state_dict(), "iteration": it, "best_f1": best_f1, "elapsed_s": seconds, "best_metrics": best_metrics}
         if ema is not None:
             state.update(ema=ema.model.state_dict(), ema_steps=ema.steps)
-        # The metadata describes *this* model: its latest validation, not the best one's.
-        latest = history[-1] if history and history[-1].get("iteration") == it else {}
+        # The metadata describes *this* model: its latest validation, not the best one's (none when the
+        # validated weights were the average, not these).
+        latest = history[-1] if ema is None and history and history[-1].get("iteration") == it else {}
         save_checkpoint(last_path, meta(latest, it, seconds), model.state_dict(), train_state=state)
 
     model.train()

@@ -124,6 +124,10 @@ def train(
         resume=resume,
         command=_command_line(click.get_current_context()),
     )
-    best = result.best_metrics.get("val_f1")
-    tail = f", best validation F1 {best:.3f}" if best is not None else ""
+    if settings.keep == "last":
+        last = result.history[-1].get("val_f1") if result.history else None
+        tail = f", last validation F1 {last:.3f}" if last is not None else ""
+    else:
+        best = result.best_metrics.get("val_f1")
+        tail = f", best validation F1 {best:.3f}" if best is not None else ""
     click.echo(f"{result.iterations} iterations in {result.seconds / 60:.1f} min{tail} -> {result.output}")
