@@ -50,13 +50,13 @@ def main() -> None:
         args.plots = sorted(p.stem for p in (args.data / "plots").glob("*.tif") if p.stem not in VAL + SKIP)
     args.out.mkdir(parents=True, exist_ok=True)
     exe = Path(sys.executable).with_name("geomask")
+    cfg = (yaml.safe_load(Path(args.config).read_text()) or {}) if args.config else {}
+    options = cfg.setdefault("detector", {}).setdefault("options", {})
     if args.score_floor is not None:
-        cfg = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
-        cfg.setdefault("detector", {}).setdefault("options", {})["score_threshold"] = args.score_floor
+        options["score_threshold"] = args.score_floor
         args.config = str(args.out / "eval_config.yaml")
         Path(args.config).write_text(yaml.safe_dump(cfg))
-    options = (yaml.safe_load(Path(args.config).read_text()) or {}).get("detector", {}).get("options", {}) if args.config else {}
-    options = {**options, "weights": args.model}
+    options = {**options, "weights": args.model}  # what predict's sidecar records
     threshold = float(options.get("score_threshold", 0.5))
     by_site: dict[str, tuple[list[gpd.GeoDataFrame], list[gpd.GeoDataFrame]]] = {}
     for plot in args.plots:
@@ -71,12 +71,11 @@ def main() -> None:
         preds, truths = by_site.setdefault(plot.split("_")[0], ([], []))
         preds.append(pred)
         truths.append(truth[["geometry"]])
+    sites = {site: (_concat(preds), _concat(truths)) for site, (preds, truths) in sorted(by_site.items())}
     results = {}
     total = {"n_truth": 0, "n_pred": 0, "tp": 0}
     rows = []
-    for site, (preds, truths) in sorted(by_site.items()):
-        pred = gpd.GeoDataFrame(pd.concat(preds, ignore_index=True), crs=preds[0].crs)
-        truth = gpd.GeoDataFrame(pd.concat(truths, ignore_index=True), crs=truths[0].crs)
+    for site, (pred, truth) in sites.items():
         ev = evaluate_frames(pred, truth, box=True, iou_threshold=0.5)
         row = dataclasses.replace(ev.overall, name=site)
         rows.append(row)
@@ -101,7 +100,7 @@ def main() -> None:
     if args.sweep:
         if min(args.sweep) < threshold:
             print(f"warning: predictions stop at score {threshold}; sweep values below it all score as {threshold} (use --score-floor)")
-        results["sweep"] = sweep(by_site, args.sweep)
+        results["sweep"] = sweep(sites, args.sweep)
         print("score threshold sweep (all plots): " + ", ".join(f"{t}: F1 {f:.3f}" for t, f in results["sweep"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -123,14 +122,17 @@ def _made_with(out: Path, options: dict[str, object]) -> bool:
     }
 
 
-def sweep(by_site: dict[str, tuple[list[gpd.GeoDataFrame], list[gpd.GeoDataFrame]]], thresholds: list[float]) -> dict[str, float]:
+def _concat(frames: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
+    """One site's plots as one frame (a site's plots share a CRS)."""
+    return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
+
+
+def sweep(sites: dict[str, tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]], thresholds: list[float]) -> dict[str, float]:
     """F1 over all plots (counts summed over sites) with predictions below each threshold dropped."""
     out = {}
     for t in thresholds:
         tp = n_pred = n_truth = 0
-        for preds, truths in by_site.values():
-            pred = gpd.GeoDataFrame(pd.concat(preds, ignore_index=True), crs=preds[0].crs)
-            truth = gpd.GeoDataFrame(pd.concat(truths, ignore_index=True), crs=truths[0].crs)
+        for pred, truth in sites.values():
             ev = evaluate_frames(pred[pred["score"] >= t], truth, box=True, iou_threshold=0.5).overall
             tp, n_pred, n_truth = tp + ev.tp, n_pred + ev.n_pred, n_truth + ev.n_truth
         out[f"{t:g}"] = 2 * tp / max(1, n_pred + n_truth)
