@@ -25,16 +25,22 @@ input order: groups are connected components and fusion is symmetric.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import shapely
 from rasterio.windows import Window
+from scipy import ndimage
 from shapely import STRtree
 
 from geomask.instances import Instance
 from geomask.tiling import Tile, window_contains
 
 TileLookup = Mapping[int, Tile] | Sequence[Tile]
+Link = tuple[float, int, int]
+# Two instances of one tile closer than this are touching neighbours (1–2 px of model noise apart).
+NEIGHBOUR_GAP_PX = 2
 
 
 def is_private(instance: Instance, tile: Tile) -> bool:
@@ -91,8 +97,48 @@ def ios_in_shared_zone(a: Instance, b: Instance, tile_a: Tile, tile_b: Tile) -> 
     return inter / smaller if smaller else 0.0
 
 
-def group_border_instances(border: Sequence[Instance], tiles: TileLookup, ios_threshold: float) -> list[list[int]]:
-    """Group border instances that are one object; return index groups (each sorted, list sorted)."""
+def _key(inst: Instance) -> tuple[int, int, int, int, int, float, int]:
+    """An order-free identity for tie-breaking: what the instance is, not where it sits in a list."""
+    return (inst.tile_id, inst.row_off, inst.col_off, inst.height, inst.width, inst.score, inst.class_id)
+
+
+def _grow(mask: npt.NDArray[np.bool_], px: int) -> npt.NDArray[np.bool_]:
+    """Grow a mask by ``px`` pixels (square neighbourhood) on a canvas ``px`` larger on every side."""
+    return ndimage.binary_dilation(np.pad(mask, px), structure=np.ones((3, 3), dtype=bool), iterations=px)  # type: ignore[no-any-return]
+
+
+def are_neighbours(a: Instance, b: Instance, gap_px: int = NEIGHBOUR_GAP_PX) -> bool:
+    """Return whether two instances of one tile are distinct objects that touch (within ``gap_px``).
+
+    The detector separated them, so no merge may join them, however its neighbours link them. Two
+    instances that overlap by most of the smaller one are one object reported twice, not neighbours.
+    """
+    ar0, ac0, ar1, ac1 = a.row_off - gap_px, a.col_off - gap_px, a.row_off + a.height + gap_px, a.col_off + a.width + gap_px
+    r0, c0 = max(ar0, b.row_off), max(ac0, b.col_off)
+    r1, c1 = min(ar1, b.row_off + b.height), min(ac1, b.col_off + b.width)
+    if r0 >= r1 or c0 >= c1:
+        return False
+    near = _grow(a.mask, gap_px)[r0 - ar0 : r1 - ar0, c0 - ac0 : c1 - ac0]
+    mb = b.mask[r0 - b.row_off : r1 - b.row_off, c0 - b.col_off : c1 - b.col_off]
+    if not np.any(near & mb):
+        return False
+    zone = _overlap(a.bounds(), b.bounds())
+    inter = 0 if zone is None else int(np.count_nonzero(_crop(a, zone) & _crop(b, zone)))
+    return inter * 2 < min(a.area_px, b.area_px)
+
+
+def _crop(inst: Instance, zone: tuple[int, int, int, int]) -> npt.NDArray[np.bool_]:
+    c0, r0, c1, r1 = zone
+    return inst.mask[r0 - inst.row_off : r1 - inst.row_off, c0 - inst.col_off : c1 - inst.col_off]
+
+
+def link_components(border: Sequence[Instance], tiles: TileLookup, ios_threshold: float) -> list[tuple[list[int], list[Link]]]:
+    """Return the connected components of the link graph: ``(members, links)`` with ``(ios, i, j)`` links.
+
+    Links join border instances of different tiles whose masks overlap in the zone both tiles read with
+    IoS ≥ ``ios_threshold``. Components are what :func:`split_component` turns into objects; a
+    component is the unit a block can close (no instance outside it can change how it is split).
+    """
     if not border:
         return []
     boxes = shapely.box(*np.array([inst.bounds() for inst in border], dtype=np.float64).T)
@@ -106,20 +152,71 @@ def group_border_instances(border: Sequence[Instance], tiles: TileLookup, ios_th
             i = parent[i]
         return i
 
+    links: list[Link] = []
     for i, j in zip(left.tolist(), right.tolist(), strict=True):
         if i >= j:
             continue
         a, b = border[i], border[j]
         if a.tile_id == b.tile_id:
             continue
-        if ios_in_shared_zone(a, b, tiles[a.tile_id], tiles[b.tile_id]) >= ios_threshold:
+        ios = ios_in_shared_zone(a, b, tiles[a.tile_id], tiles[b.tile_id])
+        if ios >= ios_threshold:
+            links.append((ios, i, j))
             ri, rj = find(i), find(j)
             if ri != rj:
                 parent[max(ri, rj)] = min(ri, rj)
-    groups: dict[int, list[int]] = {}
+    members: dict[int, list[int]] = {}
     for i in range(len(border)):
-        groups.setdefault(find(i), []).append(i)
-    return sorted(groups.values())
+        members.setdefault(find(i), []).append(i)
+    by_root: dict[int, list[Link]] = {}
+    for link in links:
+        by_root.setdefault(find(link[1]), []).append(link)
+    return [(m, by_root.get(root, [])) for root, m in sorted(members.items())]
+
+
+def split_component(members: Sequence[int], links: Sequence[Link], border: Sequence[Instance]) -> list[list[int]]:
+    """Split one link component into objects, never joining two touching instances of one tile.
+
+    Without a conflict the component is one object (rule 2). Otherwise links are taken strongest
+    first (ties broken by what the instances are, so the result does not depend on input order) and
+    two groups are joined only when no tile has an instance in each that are neighbours
+    (:func:`are_neighbours`): 1–2 px of boundary noise in one tile can make a terraced house overlap its
+    neighbour's copy in the next tile, but the tile that saw both said they are two.
+    """
+    by_tile: dict[int, list[int]] = {}
+    for i in members:
+        by_tile.setdefault(border[i].tile_id, []).append(i)
+    conflicts: set[tuple[int, int]] = set()
+    for same in by_tile.values():
+        for x, i in enumerate(same):
+            for j in same[x + 1 :]:
+                if are_neighbours(border[i], border[j]):
+                    conflicts.add((min(i, j), max(i, j)))
+    if not conflicts:
+        return [sorted(members)]
+    group = {i: {i} for i in members}
+
+    def order(link: Link) -> tuple[float, tuple[Any, ...]]:
+        a, b = sorted((_key(border[link[1]]), _key(border[link[2]])))
+        return (-link[0], (a, b))
+
+    for _ios, i, j in sorted(links, key=order):
+        gi, gj = group[i], group[j]
+        if gi is gj or any((min(x, y), max(x, y)) in conflicts for x in gi for y in gj):
+            continue
+        gi |= gj
+        for k in gj:
+            group[k] = gi
+    unique = {id(g): g for g in group.values()}
+    return sorted(sorted(g) for g in unique.values())
+
+
+def group_border_instances(border: Sequence[Instance], tiles: TileLookup, ios_threshold: float) -> list[list[int]]:
+    """Group border instances that are one object; return index groups (each sorted, list sorted)."""
+    groups: list[list[int]] = []
+    for members, links in link_components(border, tiles, ios_threshold):
+        groups.extend(split_component(members, links, border))
+    return sorted(groups)
 
 
 def fuse(members: Sequence[Instance], tiles: TileLookup) -> Instance:
@@ -147,7 +244,7 @@ def fuse(members: Sequence[Instance], tiles: TileLookup) -> Instance:
             from_core[zr0 - r0 : zr1 - r0, zc0 - c0 : zc1 - c0] |= m.mask[
                 zr0 - m.row_off : zr1 - m.row_off, zc0 - m.col_off : zc1 - m.col_off
             ]
-    mask = from_core | (union & ~covered)
+    mask = fill_seam_holes(from_core | (union & ~covered), union)
     best = max(members, key=lambda m: (m.score, -m.class_id))
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
@@ -161,6 +258,23 @@ def fuse(members: Sequence[Instance], tiles: TileLookup) -> Instance:
         class_id=best.class_id,
         tile_id=-1,
     )
+
+
+def fill_seam_holes(mask: npt.NDArray[np.bool_], union: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """Fill the holes of a fused mask that lie wholly inside some member's mask.
+
+    Taking each core's pixels from its own tile can leave a few pixels where cores meet that the owning
+    tile's (jittered) outline missed and the other tiles' outlines cover: a hole no tile saw. A real
+    hole (a courtyard) is a hole of every member, so no member covers it and it stays.
+    """
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    if not holes.any():
+        return mask
+    lab, n = ndimage.label(holes)
+    inside = np.asarray(ndimage.minimum(union, lab, np.arange(1, n + 1)), dtype=bool)
+    if not inside.any():
+        return mask
+    return mask | np.isin(lab, np.flatnonzero(inside) + 1)
 
 
 def area_in_core(instance: Instance, tile: Tile) -> int:
@@ -238,10 +352,11 @@ def merge_block(
 ) -> tuple[list[Instance], list[Instance]]:
     """Merge the border instances of one block of tiles as far as the block alone can decide.
 
-    Groups are formed exactly as :func:`group_border_instances` forms them. A group whose members all lie
-    inside ``exclusive`` (see :func:`block_exclusive_window`) has no link to any tile outside the block,
-    so it is closed now (fused, or dropped by rule 4 as in :func:`close_groups`). Any other group may
-    continue outside: its members are returned unfused, to be merged again with the open instances of
+    Groups are formed exactly as :func:`group_border_instances` forms them. A link component whose members
+    all lie inside ``exclusive`` (see :func:`block_exclusive_window`) has no link to any tile outside the
+    block, so it is split and its groups closed now (fused, or dropped by rule 4 as in :func:`close_groups`).
+    Any other component may continue outside (and an outside link could change how it splits): its
+    members are returned unfused, to be merged again with the open instances of
     the neighbouring blocks. Applying this from small blocks up to one block covering the raster gives
     exactly :func:`merge_border_instances`, while each step only sees the instances near one block's
     edges.
@@ -258,9 +373,9 @@ def merge_block(
     """
     closed: list[list[int]] = []
     still_open: list[Instance] = []
-    for group in group_border_instances(border, tiles, ios_threshold):
-        if exclusive is not None and all(window_contains(exclusive, *border[i].bounds()) for i in group):
-            closed.append(group)
+    for members, links in link_components(border, tiles, ios_threshold):
+        if exclusive is not None and all(window_contains(exclusive, *border[i].bounds()) for i in members):
+            closed.extend(split_component(members, links, border))
         else:
-            still_open.extend(border[i] for i in group)
-    return close_groups(border, closed, tiles), still_open
+            still_open.extend(border[i] for i in members)
+    return close_groups(border, sorted(closed), tiles), still_open

@@ -141,3 +141,59 @@ def test_merge_is_exact_and_order_independent(seed: int, size: int, overlap: int
     expected = truth_sets(labels)
     assert as_label_sets(merged, labels.shape) == expected
     assert as_label_sets(merge_across_tiles(shuffled, tiles), labels.shape) == expected
+
+
+def _two_tiles() -> list[Tile]:
+    tiles = plan_tiles(200, 100, 110, 20)  # two tiles side by side, reads overlap in columns 90..110
+    assert len(tiles) == 2
+    return tiles
+
+
+def test_touching_neighbours_stay_apart_when_noise_links_one_to_both() -> None:
+    """Terraced houses: tile 0 separates them; tile 1's noisy copy of the left house reaches into the right one."""
+    tiles = _two_tiles()
+    labels = np.zeros((100, 200), dtype=np.int32)
+    labels[30:70, 60:104] = 1
+    labels[30:70, 104:150] = 2  # shares a wall with house 1, just right of the seam
+    exact = clip_to_tiles(labels, tiles)
+    left = [i for i in exact if i.tile_id == 0]
+    right = [i for i in exact if i.tile_id == 1]
+    # Tile 1 sees house 1 only as a 14-px sliver; its outline is 3 px too wide, into house 2's strip in tile 0.
+    house1_t1 = next(i for i in right if i.col_off == 90)
+    noisy = [i for i in right if i is not house1_t1] + [Instance(30, 90, np.ones((40, 17), dtype=bool), 0.9, 0, 1)]
+    assert len(group_border_instances(left + noisy, tiles, 0.5)) == 2
+    merged = merge_across_tiles(left + noisy, tiles)
+    assert len(merged) == 2
+    sets = as_label_sets(merged, labels.shape)
+    truth = truth_sets(labels)
+    for got, want in zip(sets, truth):
+        assert len(got & want) / len(got | want) > 0.9
+
+
+def test_duplicate_reports_in_one_tile_still_fuse() -> None:
+    """Two heavily overlapping instances of one tile are one object reported twice, not neighbours."""
+    tiles = _two_tiles()
+    labels = np.zeros((100, 200), dtype=np.int32)
+    labels[30:70, 80:130] = 1
+    exact = clip_to_tiles(labels, tiles)
+    t0 = next(i for i in exact if i.tile_id == 0)
+    dup = Instance(t0.row_off, t0.col_off, t0.mask.copy(), 0.4, 0, 0)
+    dup.mask[:, -2:] = False
+    merged = merge_across_tiles([*exact, dup], tiles)
+    assert as_label_sets(merged, labels.shape) == truth_sets(labels)
+
+
+def test_fusion_fills_a_seam_hole_no_tile_saw_and_keeps_a_courtyard() -> None:
+    tiles = plan_tiles(200, 200, 110, 20)  # 2 x 2 tiles, cores meet at (100, 100)
+    assert len(tiles) == 4
+    labels = np.zeros((200, 200), dtype=np.int32)
+    labels[40:160, 40:160] = 1
+    labels[120:140, 120:140] = 0  # a real courtyard, inside tile 3's core
+    insts = clip_to_tiles(labels, tiles)
+    # Tile 0's outline misses a 3 x 3 notch at the corner where the four cores meet; the others cover it.
+    t0 = next(i for i in insts if i.tile_id == 0)
+    notched = t0.mask.copy()
+    notched[100 - 3 - t0.row_off : 100 - t0.row_off, 100 - 3 - t0.col_off : 100 - t0.col_off] = False
+    insts = [i for i in insts if i is not t0] + [Instance(t0.row_off, t0.col_off, notched, t0.score, 0, 0)]
+    merged = merge_across_tiles(insts, tiles)
+    assert as_label_sets(merged, labels.shape) == truth_sets(labels)
