@@ -36,7 +36,8 @@ from geomask.config import Config, merge_overrides
 from geomask.detect.base import TileImage
 from geomask.detect.checkpoint import CheckpointMeta, save_checkpoint
 from geomask.detect.maskrcnn import build, build_model
-from geomask.pipeline import plan_raster, read_batches, resolve_config, run_serial
+from geomask.inference import read_batches
+from geomask.pipeline import plan_raster, resolve_config, run_serial
 
 
 def _calibrate(image: str, weights: str, args: argparse.Namespace) -> float:
@@ -49,7 +50,7 @@ def _calibrate(image: str, weights: str, args: argparse.Namespace) -> float:
     cfg = merge_overrides(Config(), {"tiling.size_px": args.tile, "tiling.overlap_px": args.overlap})
     plan = plan_raster(image, resolve_config(cfg, det.hints))
     with plan.reader() as reader:
-        batch = next(b for b, _ in read_batches(reader, plan.tiles, args.batch))
+        batch = next(b.images for b in read_batches(reader, plan.tiles, args.batch) if b.images)
     ranked = [sorted((i.score for i in r), reverse=True) for r in det.detect(batch)]
     return float(sum(r[min(args.per_tile, len(r)) - 1] for r in ranked if r) / max(1, sum(1 for r in ranked if r)))
 
@@ -101,7 +102,7 @@ def main() -> None:
         )
         plan = plan_raster(image, resolve_config(cfg, det.hints))
         with plan.reader() as reader:
-            batches: list[list[TileImage]] = [b for b, _ in read_batches(reader, plan.tiles, args.batch)]
+            batches: list[list[TileImage]] = [b.images for b in read_batches(reader, plan.tiles, args.batch) if b.images]
         n_tiles = sum(len(b) for b in batches)
         det.detect(batches[0][:1])  # warm-up (allocator, MKL-DNN kernels, CUDA context)
         # Alternate the measurements and keep each one's best: other load on the machine then

@@ -189,7 +189,7 @@ def main() -> None:
                 cfg = oracle_config(labels_path, oracle, tile, overlap, args.seed)
                 detector = build_detector(cfg)
                 plan = plan_raster(image, resolve_config(cfg, detector.hints))
-                instances, _ = detect_tiles(plan, plan.tiles, detector, cfg.detector.batch_size)
+                instances = detect_tiles(plan, plan.tiles, detector, cfg.detector.batch_size).instances
                 had = input_holes(instances, labels.shape)
                 for name, merged in (
                     ("geomask", merge_across_tiles(instances, plan.tiles, 0.5)),

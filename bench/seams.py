@@ -389,7 +389,7 @@ def run_config(
         cfg = oracle_config(labels_path, oracle, tile, overlap, seed)
         detector = build_detector(cfg)
         plan = plan_raster(image, resolve_config(cfg, detector.hints))
-        instances, _ = detect_tiles(plan, plan.tiles, detector, cfg.detector.batch_size)
+        instances = detect_tiles(plan, plan.tiles, detector, cfg.detector.batch_size).instances
         tiles_px = tile_polygons(plan.tiles, Affine.identity())
         tracer = Tracer()
         for merge in merges:

@@ -6,30 +6,25 @@ inside Dask tasks, so the serial and distributed paths share every line that tou
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
-import queue
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from geomask.config import Config, dump_config, merge_overrides
-from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
+from geomask.detect.base import Detector, ModelHints, load_detector
 from geomask.errors import DetectorError
 from geomask.export import check_writable, to_frame, write_frame, write_text_atomic
-from geomask.instances import Instance, from_mask
+from geomask.inference import TileFailure, run_tiles
+from geomask.instances import Instance
 from geomask.merge import merge_across_tiles
 from geomask.raster import Grid, NormStats, RasterInfo, RasterReader, compute_norm_stats, inspect_raster, resolve_bands, working_grid
 from geomask.tiling import Tile, default_overlap_px, plan_tiles
 from geomask.vectorize import Feature, sort_features, vectorize_instances
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 DEFAULT_TILE_SIZE_PX = 512
 
 
@@ -82,7 +77,7 @@ class RunSummary:
     n_features: int = 0
     seconds: float = 0.0
     run_id: str = ""
-    extras: dict[str, float] = field(default_factory=dict)
+    failures: list[TileFailure] = field(default_factory=list)
 
 
 def build_detector(config: Config) -> Detector:
@@ -128,120 +123,21 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     return RasterPlan(info, grid, bands, stats, tiles, resolved)
 
 
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
-    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to trim
-        return None
+@dataclass
+class Detections:
+    """Per-tile instances of some tiles of a raster (cleaned, tagged), the nodata tiles, the failed tiles."""
+
+    instances: list[Instance]
+    n_skipped: int = 0
+    failures: list[TileFailure] = field(default_factory=list)
 
 
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise, so RSS creeps up with image size)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Produce ``items`` from a background thread, ``depth`` ahead, so reading overlaps inference."""
-    q: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put((True, item))
-            q.put((False, None))
-        except BaseException as err:  # noqa: BLE001 - re-raised in the consumer
-            q.put((False, err))
-
-    thread = threading.Thread(target=work, daemon=True, name="geomask-prefetch")
-    thread.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                if isinstance(item, BaseException):
-                    raise item
-                return
-            yield item  # type: ignore[misc]
-    finally:
-        # The consumer stopped (done, closed early, or raised): unblock the producer if it waits on a full
-        # queue, so the thread ends and frees the tiles it holds instead of living on in a worker.
-        stop.set()
-        while thread.is_alive():
-            with contextlib.suppress(queue.Empty):
-                q.get(timeout=0.1)
-
-
-def read_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: int) -> Iterator[tuple[list[TileImage], int]]:
-    """Read tiles into batches of :class:`TileImage`, skipping tiles with no valid pixel.
-
-    Yields ``(batch, n_skipped_since_last)``.
-    """
-    batch: list[TileImage] = []
-    skipped = 0
-    for tile in tiles:
-        pixels, valid = reader.read(tile.read)
-        if not valid.any():
-            skipped += 1
-            continue
-        batch.append(TileImage(tile, pixels, valid))
-        if len(batch) == batch_size:
-            yield batch, skipped
-            batch, skipped = [], 0
-    if batch or skipped:
-        yield batch, skipped
-
-
-def clean_instances(image: TileImage, found: Iterable[Instance]) -> list[Instance]:
-    """Clip a detector's instances to the tile and its valid pixels, tag them with the tile, drop empties."""
-    win = image.tile.read
-    r0, c0 = int(win.row_off), int(win.col_off)
-    h, w = image.valid.shape
-    out = []
-    for inst in found:
-        rr0, cc0 = inst.row_off - r0, inst.col_off - c0
-        if rr0 < 0 or cc0 < 0 or rr0 + inst.height > h or cc0 + inst.width > w:
-            raise DetectorError(
-                f"detector returned an instance at rows {inst.row_off}..{inst.row_off + inst.height}, cols "
-                f"{inst.col_off}..{inst.col_off + inst.width}, outside tile {win}; instances must be in global pixels"
-            )
-        mask = inst.mask & image.valid[rr0 : rr0 + inst.height, cc0 : cc0 + inst.width]
-        if not mask.any():
-            continue
-        if mask.sum() != inst.mask.sum():
-            clipped = from_mask(mask, row_off=inst.row_off, col_off=inst.col_off, score=inst.score, class_id=inst.class_id)
-            if clipped is None:
-                continue
-            inst = clipped
-        out.append(Instance(inst.row_off, inst.col_off, inst.mask, inst.score, inst.class_id, image.tile.index))
-    return out
-
-
-def detect_tiles(plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int) -> tuple[list[Instance], int]:
-    """Read, detect and clean every tile in ``tiles``; return per-tile instances and the skipped count."""
+def detect_tiles(plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int) -> Detections:
+    """Read, detect and clean every tile in ``tiles`` (:func:`geomask.inference.run_tiles`)."""
     found: list[Instance] = []
-    skipped = n_batches = 0
     with plan.reader() as reader:
-        for batch, n_skipped in prefetch(read_batches(reader, tiles, batch_size)):
-            skipped += n_skipped
-            if not batch:
-                continue
-            results = detector.detect(batch)
-            if len(results) != len(batch):
-                raise DetectorError(f"detector {detector.name} returned {len(results)} results for a batch of {len(batch)} tiles")
-            for image, insts in zip(batch, results, strict=True):
-                found.extend(clean_instances(image, insts))
-            del batch, results
-            n_batches += 1
-            if n_batches % 16 == 0:
-                release_freed_memory()
-    return found, skipped
+        run = run_tiles(reader, tiles, detector, batch_size, found.extend)
+    return Detections(found, run.n_skipped, run.failures)
 
 
 def vectorize_plan(plan: RasterPlan, instances: Iterable[Instance]) -> list[Feature]:
@@ -256,16 +152,18 @@ def predict_raster(path: str | Path, config: Config, detector: Detector) -> tupl
     t0 = time.perf_counter()
     plan = plan_raster(path, resolve_config(config, detector.hints))
     check_channels(plan, detector.name, detector.hints)
-    instances, skipped = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size)
+    found = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size)
+    instances = found.instances
     merged = merge_across_tiles(instances, plan.tiles, plan.config.merge.ios_threshold)
     feats = vectorize_plan(plan, merged)
     summary = RunSummary(
         output=None,
         n_tiles=len(plan.tiles),
-        n_tiles_skipped=skipped,
+        n_tiles_skipped=found.n_skipped,
         n_instances=len(instances),
         n_features=len(feats),
         seconds=time.perf_counter() - t0,
+        failures=found.failures,
     )
     return plan, feats, summary
 

@@ -8,6 +8,7 @@ extent as the source, so polygons land where the source pixels are.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from geomask.errors import RasterContentError, RasterReadError
+
+log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 BoolArray = npt.NDArray[np.bool_]
@@ -272,11 +275,27 @@ def compute_norm_stats(
         mode = "range" if info.dtype == "uint8" else "percentile"
     identity = NormStats((0.0,) * len(bands), (1.0,) * len(bands), "none")
     values: list[npt.NDArray[np.generic]] = []
+    unreadable: list[RasterReadError] = []
     with RasterReader(info, grid, bands, identity, expand_gray=False) as reader:
-        for win in _sample_windows(grid, sample_windows, sample_size_px):
-            raw, valid = reader.read_raw(win)
+        windows = _sample_windows(grid, sample_windows, sample_size_px)
+        for win in windows:
+            try:
+                raw, valid = reader.read_raw(win)
+            except RasterReadError as err:  # a corrupt block: the tiles over it fail alone, later
+                unreadable.append(err)
+                continue
             if valid.any():
                 values.append(raw[:, valid])
+        if unreadable and len(unreadable) == len(windows):
+            raise unreadable[0]
+        if unreadable:
+            log.warning(
+                "%s: %d of %d sample windows unreadable (%s); statistics from the rest",
+                info.path,
+                len(unreadable),
+                len(windows),
+                unreadable[0],
+            )
         if not values and not _any_valid(reader, grid):
             raise RasterContentError(f"{info.path} has no valid pixels (all nodata or masked); check the nodata value or the input")
     if mode == "none":

@@ -75,7 +75,8 @@ def test_nodata_pixels_never_belong_to_an_instance_and_empty_tiles_are_skipped(t
         dst.write(block)
     cfg = truth_config(label_path, size=128, overlap=16)
     plan = plan_raster(image, cfg)
-    instances, skipped = detect_tiles(plan, plan.tiles, truth_detector(str(label_path)), 4)
+    found = detect_tiles(plan, plan.tiles, truth_detector(str(label_path)), 4)
+    instances, skipped = found.instances, found.n_skipped
     assert skipped == sum(1 for t in plan.tiles if t.read.col_off >= 150)
     assert skipped > 0
     for inst in instances:

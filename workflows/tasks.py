@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,12 +24,12 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from geomask.config import Config
-from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
+from geomask.detect.base import Detector, ModelHints, load_detector
 from geomask.errors import DetectorError, GeomaskError
+from geomask.inference import release_freed_memory, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_block, split_private
-from geomask.pipeline import RasterPlan, clean_instances, plan_raster, prefetch, release_freed_memory, vectorize_plan
-from geomask.raster import RasterReader
+from geomask.pipeline import RasterPlan, plan_raster, vectorize_plan
 from geomask.tiling import Tile
 from geomask.vectorize import Feature
 from workflows.blocks import Block
@@ -186,50 +185,6 @@ def describe_detector(plugin_name: str) -> DetectorInfo:
     return DetectorInfo(det.name, tuple(det.classes), det.hints)
 
 
-@dataclass
-class _Read:
-    images: list[TileImage]
-    skipped: int
-    failures: list[tuple[int, str]]
-
-
-def _read_tiles(reader: RasterReader, tiles: Sequence[Tile], batch_size: int) -> Iterator[_Read]:
-    """Read tiles into batches like :func:`geomask.pipeline.read_batches`, isolating unreadable tiles."""
-    batch = _Read([], 0, [])
-    for tile in tiles:
-        try:
-            pixels, valid = reader.read(tile.read)
-        except GeomaskError as err:
-            batch.failures.append((tile.index, str(err)))
-            continue
-        if not valid.any():
-            batch.skipped += 1
-            continue
-        batch.images.append(TileImage(tile, pixels, valid))
-        if len(batch.images) == batch_size:
-            yield batch
-            batch = _Read([], 0, [])
-    if batch.images or batch.skipped or batch.failures:
-        yield batch
-
-
-def _detect(plugin: DetectorPlugin, images: list[TileImage], failures: list[tuple[int, str]]) -> list[tuple[TileImage, list[Instance]]]:
-    """Detect a batch; when the detector rejects it for a data reason, retry tile by tile to name the bad tiles."""
-    det, lock = plugin.detector, plugin.lock
-    assert det is not None and lock is not None
-    try:
-        with lock:
-            results = det.detect(images)
-        if len(results) != len(images):
-            raise DetectorError(f"detector {det.name} returned {len(results)} results for a batch of {len(images)} tiles")
-        return list(zip(images, results, strict=True))
-    except GeomaskError as err:
-        if len(images) == 1:
-            failures.append((images[0].tile.index, str(err)))
-            return []
-        return [pair for image in images for pair in _detect(plugin, [image], failures)]
-
-
 def run_detect(task: DetectTask) -> BlockResult:
     """Read, detect, clean and vectorise one block of tiles; merge its border instances inside the block."""
     t0 = time.perf_counter()
@@ -237,31 +192,24 @@ def run_detect(task: DetectTask) -> BlockResult:
     plan, tiles = task.plan, task.tiles
     result = BlockResult(n_tiles=len(tiles))
     border: list[Instance] = []
-    read_failures: list[tuple[int, str]] = []
-    detect_failures: list[tuple[int, str]] = []
     vectorised: list[Future[list[Feature]]] = []
+    det, lock = plugin.detector, plugin.lock
+    assert det is not None and lock is not None
     with plan.reader() as reader, ThreadPoolExecutor(1, thread_name_prefix="geomask-vectorize") as pool:
-        for batch in prefetch(_read_tiles(reader, list(tiles.values()), plan.config.detector.batch_size)):
-            result.n_skipped += batch.skipped
-            read_failures += batch.failures
-            for image, found in _detect(plugin, batch.images, detect_failures):
-                try:
-                    cleaned = clean_instances(image, found)
-                except GeomaskError as err:
-                    detect_failures.append((image.tile.index, str(err)))
-                    continue
-                result.n_instances += len(cleaned)
-                private, shared = split_private(cleaned, tiles)
-                border += shared
-                if private:  # vectorised while the next batch is read and inferred
-                    vectorised.append(pool.submit(vectorize_plan, plan, private))
+
+        def consume(cleaned: list[Instance]) -> None:
+            private, shared = split_private(cleaned, tiles)
+            border.extend(shared)
+            if private:  # vectorised while the next batch is read and inferred
+                vectorised.append(pool.submit(vectorize_plan, plan, private))
+
+        run = run_tiles(reader, list(tiles.values()), det, plan.config.detector.batch_size, consume, lock)
+        result.n_skipped, result.n_instances = run.n_skipped, run.n_instances
         finished, result.open = merge_block(border, tiles, task.exclusive, plan.config.merge.ios_threshold)
         result.features = vectorize_plan(plan, finished)
         for job in vectorised:
             result.features += job.result()
-    source = plan.info.path
-    result.failures = [Failure(source, task.block.key, i, "read", e) for i, e in read_failures]
-    result.failures += [Failure(source, task.block.key, i, "detect", e) for i, e in detect_failures]
+    result.failures = [Failure(plan.info.path, task.block.key, f.tile, f.stage, f.error) for f in run.failures]
     result.seconds = time.perf_counter() - t0
     release_freed_memory()  # a worker lives for the whole job: hand the task's freed pages back to the OS
     return result

@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from geomask.config import DEFAULT_DETECTOR, Config, merge_overrides
+from geomask.inference import TileFailure
 from geomask.pipeline import run_serial
 from workflows.inputs import OutputLayout, expand_inputs, plan_outputs
 
@@ -92,9 +93,19 @@ def predict(
         if layout.per_input is None and len(paths) > 1:
             raise click.UsageError("several inputs into one file need the Dask workflow; drop --serial or give a folder (-o out/)")
         targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
+        failed: list[tuple[Path, TileFailure]] = []
         for src, out in targets.items():
             summary = run_serial(src, out, cfg)
-            click.echo(f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s -> {summary.output}")
+            failed += [(src, f) for f in summary.failures]
+            click.echo(
+                f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s, "
+                f"{len(summary.failures)} failed tiles -> {summary.output}"
+            )
+        if failed:  # the same semantics as the Dask path: everything else is written, exit code 3
+            for src, f in failed:
+                log.warning("failed: %s tile %d (%s): %s", src, f.tile, f.stage, f.error)
+            click.echo(f"geomask: {len(failed)} tile(s) failed (first: {failed[0][1].error}); see the log above", err=True)
+            sys.exit(EXIT_FAILURES)
         return
     _run_dask(cfg, paths, layout, run_dir, fresh, progress_every)
 
