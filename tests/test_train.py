@@ -250,6 +250,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "0.9",
             "--keep",
             "last",
+            "--copy-paste",
+            "0.5",
+            "--jpeg",
+            "0.5",
+            "--hue-jitter",
+            "0.05",
         ]
     )
     assert capsys.readouterr().out.count("2 iterations") == 2
@@ -257,6 +263,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ckpt.meta is not None and ckpt.meta.classes == ("sq",) and ckpt.meta.gsd_m is None
     assert ckpt.meta.training["command"].startswith("geomask train --images") and "--arch tiny_fpn" in ckpt.meta.training["command"]
     assert "--ema 0.9 --keep last" in ckpt.meta.training["command"] and json.loads(ckpt.meta.training["settings"])["ema_decay"] == 0.9
+    assert json.loads(ckpt.meta.training["settings"])["copy_paste"] == 0.5 and "--copy-paste 0.5" in ckpt.meta.training["command"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  bogus: 1\n")
     with pytest.raises(SystemExit) as exc:

@@ -78,6 +78,12 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--ema", "ema_decay", type=float, help="Average the weights with this decay (e.g. 0.998); validate and save the average.")
 @click.option("--keep", type=click.Choice(["best", "last"]), help="OUTPUT holds the best-validating weights (default) or the last.")
+@click.option("--copy-paste", type=float, help="Probability per chip of pasting objects from another chip (Simple Copy-Paste).")
+@click.option("--hue-jitter", type=float, help="Largest hue rotation, as a fraction of the colour wheel (e.g. 0.05).")
+@click.option("--saturation-jitter", type=float, help="Saturation factor drawn from [1-s, 1+s] (e.g. 0.3).")
+@click.option("--blur", type=float, help="Probability per chip of a Gaussian blur (sigma 0.5-1.5 px).")
+@click.option("--noise", type=float, help="Largest std of added Gaussian noise, in normalised pixel units (e.g. 0.03).")
+@click.option("--jpeg", type=float, help="Probability per chip of a JPEG round trip at quality 30-90.")
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.last.pt.")
 def train(
     images: tuple[str, ...],
