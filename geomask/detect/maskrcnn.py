@@ -401,13 +401,23 @@ def fuse_views(
     }
 
 
-def _check_tta(tta: int) -> None:
+def _check_tta(tta: float) -> None:
     if tta not in TTA_CHOICES:
         raise DetectorError(f"tta must be one of {list(TTA_CHOICES)} (identity, flips, all 8 flips/rotations), got {tta}")
 
 
+#: What the detector options default to when neither the call nor the checkpoint sets them.
+DETECTOR_DEFAULTS: dict[str, float | int] = {
+    "score_threshold": 0.5,
+    "mask_threshold": 0.5,
+    "detections_per_img": 300,
+    "nms_threshold": 0.5,
+    "tta": 1,
+}
+
+
 def _check_options(
-    score_threshold: float, mask_threshold: float, detections_per_img: int, tile_size_px: int | None, nms_threshold: float, tta: int
+    score_threshold: float, mask_threshold: float, detections_per_img: float, tile_size_px: int | None, nms_threshold: float, tta: float
 ) -> None:
     _check_tta(tta)
     if not 0.0 < nms_threshold <= 1.0:
@@ -426,14 +436,14 @@ def build(
     weights: str | None = None,
     arch: str | None = None,
     device: str = "auto",
-    score_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
-    detections_per_img: int = 300,
+    score_threshold: float | None = None,
+    mask_threshold: float | None = None,
+    detections_per_img: int | None = None,
     amp: bool = True,
     classes: Sequence[str] | None = None,
     tile_size_px: int | None = None,
-    nms_threshold: float = 0.5,
-    tta: int = 1,
+    nms_threshold: float | None = None,
+    tta: int | None = None,
 ) -> MaskRCNNDetector:
     """Build the Mask R-CNN detector (factory ``geomask.detect.maskrcnn:build``).
 
@@ -455,11 +465,16 @@ def build(
         tta: Test-time augmentation: 1 (off), 4 (flips) or 8 (flips and 90° rotations), fused per tile
             (see :func:`fuse_views`); costs ``tta`` forward passes per tile.
 
+    The five threshold/TTA options left ``None`` take the checkpoint's inference defaults (its
+    ``inference`` metadata, the model card's settings), else :data:`DETECTOR_DEFAULTS`.
+
     Raises:
         DetectorError: An option is invalid.
         WeightsError: The weights are missing, unreadable or do not match ``arch``/``classes``.
     """
-    _check_options(score_threshold, mask_threshold, detections_per_img, tile_size_px, nms_threshold, tta)
+    given = {"score_threshold": score_threshold, "mask_threshold": mask_threshold, "detections_per_img": detections_per_img}
+    given.update(nms_threshold=nms_threshold, tta=tta)
+    _check_options(**{**DETECTOR_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}, tile_size_px=tile_size_px)
     if arch is not None and arch not in ARCHS:
         raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
     dev = resolve_device(device)
@@ -492,16 +507,23 @@ def build(
     names_out = list(classes) if classes is not None else list(default_classes)
     if len(names_out) != n:
         names_out = [f"class_{i}" for i in range(n)]
+    carried = {k: v for k, v in (meta.inference if meta is not None else {}).items() if k in DETECTOR_DEFAULTS}
+    opts = {**DETECTOR_DEFAULTS, **carried, **{k: v for k, v in given.items() if v is not None}}
+    if carried:
+        _check_options(**opts, tile_size_px=tile_size_px)
+        log.info("%s: inference defaults %s (options given override them)", source, carried)
     tile = tile_size_px or (meta.tile_size_px if meta is not None else DEFAULT_TILE_SIZE_PX)
-    model = build_model(the_arch, n, tile, detections_per_img)
-    model.roi_heads.nms_thresh = nms_threshold
+    model = build_model(the_arch, n, tile, int(opts["detections_per_img"]))
+    model.roi_heads.nms_thresh = float(opts["nms_threshold"])
     load_weights(model, ckpt.state_dict, source, the_arch)
     hints = meta.hints() if meta is not None else ModelHints()
     if tile_size_px is not None:
         hints = dataclasses.replace(hints, tile_size_px=tile_size_px)
     name = f"maskrcnn-{the_arch}:{Path(source).name if weights not in COCO_WEIGHTS else weights}"
     log.info("loaded %s (%d classes) on %s", name, n, dev)
-    return MaskRCNNDetector(model, names_out, hints, name, dev, score_threshold, mask_threshold, amp, tta)
+    return MaskRCNNDetector(
+        model, names_out, hints, name, dev, float(opts["score_threshold"]), float(opts["mask_threshold"]), amp, int(opts["tta"])
+    )
 
 
 def _pick_arch(arch: str | None, meta: CheckpointMeta | None, source: str) -> str:

@@ -43,7 +43,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from geomask.detect.base import ModelHints, TileImage
-from geomask.detect.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from geomask.detect.checkpoint import CheckpointMeta, check_inference, load_checkpoint, save_checkpoint
 from geomask.detect.maskrcnn import ARCHS, MaskRCNNDetector, build_model, coco_state_dict, count_parameters, resolve_device
 from geomask.errors import ConfigError, LabelError, WeightsError
 from geomask.labels import LabelSet, expand_paths, rasterize_instances, read_labels, window_bounds
@@ -107,6 +107,9 @@ class TrainSettings:
         noise: Largest standard deviation of added Gaussian noise, in normalised pixel units (0..1).
         jpeg: Probability per chip of a JPEG round trip at quality 30–90: the blocky artefacts of
             compressed orthophotos and web tiles.
+        inference: Inference defaults written into every checkpoint of the run (keys of
+            :data:`geomask.detect.checkpoint.INFERENCE_KEYS`), so ``--weights`` alone gives the card's
+            settings; a config still overrides each.
     """
 
     arch: str = "resnet18_fpn"
@@ -145,6 +148,7 @@ class TrainSettings:
     blur: float = 0.0
     noise: float = 0.0
     jpeg: float = 0.0
+    inference: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid setting."""
@@ -179,6 +183,10 @@ class TrainSettings:
             raise ConfigError(f"hue_jitter is a fraction of the colour wheel and must be in [0, 0.5], got {self.hue_jitter}")
         if not 0.0 <= self.saturation_jitter <= 1.0:
             raise ConfigError(f"saturation_jitter must be in [0, 1], got {self.saturation_jitter}")
+        try:
+            check_inference(self.inference)
+        except WeightsError as err:
+            raise ConfigError(str(err)) from None
         if not 0.0 <= self.noise <= 0.5:
             raise ConfigError(f"noise is a standard deviation in normalised pixel units and must be in [0, 0.5], got {self.noise}")
 
@@ -789,6 +797,7 @@ def train(
             percentiles=(2.0, 98.0),
             attribution=settings.attribution,
             metrics=metrics,
+            inference=check_inference(settings.inference),
             training={
                 "iterations": it,
                 "seconds": round(seconds, 1),

@@ -34,6 +34,17 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
     return dict(data.get("train", data))
 
 
+def _load_mapping(path: str, what: str) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}  # JSON is YAML
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {what} {path} ({str(err).splitlines()[0]}); give a YAML or JSON file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of {what}, e.g. {{score_threshold: 0.6, tta: 4}}")
+    return dict(data)
+
+
 def _command_line(ctx: click.Context) -> str:
     """Rebuild an equivalent command line from the parsed options (recorded in the checkpoint)."""
     words = ctx.command_path.split()
@@ -84,6 +95,12 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--blur", type=float, help="Probability per chip of a Gaussian blur (sigma 0.5-1.5 px).")
 @click.option("--noise", type=float, help="Largest std of added Gaussian noise, in normalised pixel units (e.g. 0.03).")
 @click.option("--jpeg", type=float, help="Probability per chip of a JPEG round trip at quality 30-90.")
+@click.option(
+    "--inference-defaults",
+    "inference_path",
+    type=click.Path(dir_okay=False, exists=True),
+    help="YAML/JSON mapping of inference defaults stored in the checkpoint (score_threshold, tta, min_area_m2, ...).",
+)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.last.pt.")
 def train(
     images: tuple[str, ...],
@@ -96,6 +113,7 @@ def train(
     epochs: int | None,
     resume: bool,
     classes: str | None,
+    inference_path: str | None,
     **options: Any,
 ) -> None:
     """Train a Mask R-CNN on rasters and vector labels; write the best checkpoint to --output."""
@@ -114,6 +132,8 @@ def train(
     for key in ("classes", "bands", "scale_jitter"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
+    if inference_path is not None:
+        values["inference"] = {**dict(values.get("inference") or {}), **_load_mapping(inference_path, "inference defaults")}
     if epochs is not None:
         values["iterations"] = epochs * int(values.get("val_every", settings_cls().val_every))
     try:
