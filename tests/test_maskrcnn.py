@@ -239,3 +239,21 @@ def test_tta_with_a_real_model(detector: MaskRCNNDetector) -> None:
         )
     with pytest.raises(DetectorError, match="tta must be one of"):
         build(None, device="cpu", tta=3)
+
+
+def test_resnet101_fpn_forward_and_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet101_fpn", 1, 64, detections_per_img=5)
+    assert sum(p.numel() for p in model.backbone.body.parameters()) > 40_000_000  # ResNet-101, not 50
+    model.train()
+    target = {
+        "boxes": torch.tensor([[8.0, 8.0, 40.0, 30.0]]),
+        "labels": torch.tensor([1]),
+        "masks": torch.zeros((1, 64, 64), dtype=torch.uint8),
+    }
+    target["masks"][0, 8:30, 8:40] = 1
+    losses = model([torch.rand(3, 64, 64)], [target])
+    assert {"loss_classifier", "loss_mask"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    path = save_checkpoint(tmp_path / "r101.pt", CheckpointMeta("resnet101_fpn", ("a",), 64), model.state_dict())
+    det = build(str(path), device="cpu", score_threshold=0.0, detections_per_img=5)
+    assert det.name.startswith("maskrcnn-resnet101_fpn") and len(det.detect([tile_image(0, 0)])) == 1

@@ -1,6 +1,7 @@
 """The built-in detector: torchvision Mask R-CNN, batched, with masks cropped on the device.
 
-Three architectures: ``resnet50_fpn`` (torchvision v1, the COCO weights' shape), ``resnet50_fpn_v2``
+Architectures: ``resnet50_fpn`` (torchvision v1, the COCO weights' shape), ``resnet50_fpn_v2``,
+``resnet101_fpn`` (v1 heads on ResNet-101, for ImageNet-initialised training), ``tiny_fpn`` (tests)
 and ``resnet18_fpn``, a CPU-friendly model for training from scratch (trainable ``BatchNorm2d``,
 because frozen batch norm without pretrained statistics is wrong from scratch; 128-channel FPN and
 mask head; anchors from 16 px because objects at 0.3 m are small).
@@ -47,7 +48,7 @@ from geomask.instances import Instance
 log = logging.getLogger(__name__)
 
 #: ``tiny_fpn`` is a few-hundred-thousand-parameter model for tests and demos: it learns simple shapes in seconds.
-ARCHS = ("resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "tiny_fpn")
+ARCHS = ("resnet50_fpn", "resnet50_fpn_v2", "resnet101_fpn", "resnet18_fpn", "tiny_fpn")
 #: Names accepted as ``weights`` for torchvision's COCO weights (downloaded on first use when online).
 COCO_WEIGHTS = {"coco": "resnet50_fpn", "coco_v2": "resnet50_fpn_v2"}
 DEFAULT_TILE_SIZE_PX = 512
@@ -82,11 +83,26 @@ def build_model(arch: str, num_classes: int, tile_size_px: int = DEFAULT_TILE_SI
         from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
         return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **common)
+    if arch == "resnet101_fpn":
+        return _resnet101_fpn(common)
     if arch == "resnet18_fpn":
         return _resnet18_fpn(common, channels=128)
     if arch == "tiny_fpn":
         return _tiny_fpn(common)
     raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
+
+
+def _resnet101_fpn(common: dict[str, Any]) -> MaskRCNN:
+    """ResNet-101 + FPN with torchvision's v1 heads (256 channels), the backbone of the Mask R-CNN paper.
+
+    Batch norm is trainable ``BatchNorm2d`` in every stage: correct from scratch, and ImageNet ResNet-101
+    weights (``torchvision.models.ResNet101_Weights``) load into ``backbone.body`` with the same keys.
+    """
+    from torchvision.models import resnet101
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    backbone = _resnet_fpn_extractor(resnet101(weights=None, norm_layer=nn.BatchNorm2d), trainable_layers=5)
+    return MaskRCNN(backbone, **common)
 
 
 def _resnet18_fpn(common: dict[str, Any], channels: int) -> MaskRCNN:

@@ -66,7 +66,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--labels", "labels", multiple=True, required=True, help="Vector labels in any OGR format/CRS (repeatable).")
 @click.option("-o", "--output", required=True, help="Best checkpoint (.pt); OUTPUT.last.pt and OUTPUT.log.jsonl go beside it.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="YAML of training settings (keys of TrainSettings).")
-@click.option("--arch", help="resnet18_fpn (CPU-friendly, default), resnet50_fpn, resnet50_fpn_v2, tiny_fpn.")
+@click.option("--arch", help="resnet18_fpn (CPU-friendly, default), resnet50_fpn, resnet50_fpn_v2, resnet101_fpn, tiny_fpn.")
 @click.option("--iterations", type=int, help="Optimiser steps in total.")
 @click.option("--epochs", type=int, help="Validation rounds; iterations = epochs x --val-every.")
 @click.option("--val-every", type=int, help="Iterations per epoch (validation and best checkpoint).")
