@@ -86,7 +86,10 @@ def build_detector(config: Config) -> Detector:
 
 
 def resolve_config(config: Config, hints: ModelHints) -> Config:
-    """Fill unset raster/tiling settings from the model's hints (what it was trained with)."""
+    """Fill unset raster/tiling/vectorize settings from the model's hints (what it was trained and measured with).
+
+    A vectorize setting at its default (0: off) counts as unset, as the normalisation mode ``auto`` does.
+    """
     updates: dict[str, object] = {}
     if config.tiling.size_px is None:
         updates["tiling.size_px"] = hints.tile_size_px or DEFAULT_TILE_SIZE_PX
@@ -98,6 +101,10 @@ def resolve_config(config: Config, hints: ModelHints) -> Config:
         updates["raster.normalize.mode"] = hints.normalize_mode
         if hints.percentiles is not None:
             updates["raster.normalize.percentiles"] = list(hints.percentiles)
+    if config.vectorize.min_area_m2 == 0.0 and hints.min_area_m2 is not None:
+        updates["vectorize.min_area_m2"] = hints.min_area_m2
+    if config.vectorize.simplify_tolerance_m == 0.0 and hints.simplify_tolerance_m is not None:
+        updates["vectorize.simplify_tolerance_m"] = hints.simplify_tolerance_m
     return merge_overrides(config, updates) if updates else config
 
 

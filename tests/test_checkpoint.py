@@ -173,3 +173,37 @@ def test_shipped_models_by_name() -> None:
     assert build("buildings", device="cpu").classes == ("building",)
     with pytest.raises(WeightsError, match="forest"):  # an unknown name is a (missing) path, with its one-line error
         build("forest")
+
+
+def test_inference_defaults_round_trip_and_are_used(tmp_path: Path) -> None:
+    from geomask.detect.checkpoint import set_inference_defaults
+
+    path = save_checkpoint(
+        tmp_path / "d.pt",
+        CheckpointMeta("tiny_fpn", ("a",), 64, inference={"score_threshold": 0.7, "tta": 4, "min_area_m2": 2.5, "shape": "poly"}),
+        build_model("tiny_fpn", 1, 64).state_dict(),
+    )
+    meta = load_checkpoint(path).meta
+    assert meta is not None and meta.inference == {"score_threshold": 0.7, "tta": 4, "min_area_m2": 2.5, "shape": "poly"}
+    assert meta.hints().min_area_m2 == 2.5 and meta.hints().shape == "poly" and meta.hints().simplify_tolerance_m is None
+    det = build(str(path), device="cpu")
+    assert det.score_threshold == 0.7 and det.tta == 4 and det.model.roi_heads.nms_thresh == 0.5  # unset keys: built-in defaults
+    det = build(str(path), device="cpu", score_threshold=0.2, tta=1)  # given options override the checkpoint's
+    assert det.score_threshold == 0.2 and det.tta == 1 and det.model.roi_heads.score_thresh == 0.2
+    before = load_checkpoint(path).state_dict
+    set_inference_defaults(path, path, {"nms_threshold": 0.3, "tta": None})
+    after = load_checkpoint(path)
+    assert after.meta is not None and after.meta.inference == {
+        "score_threshold": 0.7,
+        "min_area_m2": 2.5,
+        "shape": "poly",
+        "nms_threshold": 0.3,
+    }
+    assert all(torch.equal(before[k], after.state_dict[k]) for k in before)  # weights untouched
+    with pytest.raises(WeightsError, match="unknown inference default 'score'"):
+        set_inference_defaults(path, path, {"score": 0.3})
+    with pytest.raises(WeightsError, match="tta must be an integer"):
+        set_inference_defaults(path, path, {"tta": 2.5})
+    set_inference_defaults(path, path, {"tta": 3})  # a value the detector rejects fails at build, in one line
+    with pytest.raises(DetectorError, match="tta must be one of"):
+        build(str(path), device="cpu")

@@ -10,10 +10,11 @@ import torch
 from rasterio.windows import Window
 from torchvision.ops import box_iou
 
-from geomask.detect.base import Detector, TileImage, load_detector
+from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
 from geomask.detect.checkpoint import CheckpointMeta, save_checkpoint
-from geomask.detect.maskrcnn import ARCHS, MaskRCNNDetector, build, build_model
+from geomask.detect.maskrcnn import ARCHS, MaskRCNNDetector, build, build_model, fuse_views
 from geomask.errors import DetectorError
+from geomask.instances import Instance
 from geomask.tiling import Tile
 
 TILE = 64
@@ -128,3 +129,131 @@ def test_cuda_amp_matches_cpu_contract(tmp_path: Path) -> None:
     det = build(str(path), device="cuda", score_threshold=0.0, amp=True)
     (found,) = det.detect([tile_image(10, 20)])
     assert all(isinstance(i.mask, np.ndarray) and i.mask.dtype == np.bool_ for i in found)
+
+
+class _BlobModel(torch.nn.Module):
+    """A stand-in Mask R-CNN that is exactly equivariant: instance ``k`` is where channel 1 equals ``k / 10``.
+
+    Its score is the mean of channel 2 over the instance, its mask probability channel 0 there. With
+    ``quadrant`` set it only reports instances whose centre lies in the top-left quadrant of its input,
+    so a view that moves an object out of that quadrant misses it.
+    """
+
+    def __init__(self, quadrant: bool = False):
+        super().__init__()
+        self.quadrant = quadrant
+        self.transform = torch.nn.Module()
+        self.transform.min_size, self.transform.max_size = (TILE,), TILE  # type: ignore[assignment]
+        self.roi_heads = torch.nn.Module()
+        self.roi_heads.score_thresh, self.roi_heads.detections_per_img = 0.0, 100  # type: ignore[assignment]
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        outs = []
+        for image in images:
+            ids = torch.round(image[1] * 10).long()
+            masks, scores = [], []
+            for k in range(1, 10):
+                m = ids == k
+                if not m.any():
+                    continue
+                rows, cols = torch.nonzero(m, as_tuple=True)
+                if self.quadrant and not (rows.float().mean() < image.shape[1] / 2 and cols.float().mean() < image.shape[2] / 2):
+                    continue
+                score = float(image[2][m].mean())
+                if score >= float(self.roi_heads.score_thresh):
+                    masks.append(torch.where(m, image[0], 0.0))
+                    scores.append(score)
+            n = len(masks)
+            outs.append(
+                {
+                    "masks": torch.stack(masks)[:, None] if n else torch.zeros((0, 1, *image.shape[1:])),
+                    "scores": torch.tensor(scores),
+                    "labels": torch.ones(n, dtype=torch.int64),
+                    "boxes": torch.zeros((n, 4)),
+                }
+            )
+        return outs
+
+
+def _blob_scene() -> TileImage:
+    """Three objects of different shapes, scores and mask probabilities, none of them symmetric."""
+    pixels = np.zeros((3, TILE, TILE), dtype=np.float32)
+    for k, (r0, r1, c0, c1), score in ((1, (4, 12, 6, 30), 0.9), (2, (40, 60, 35, 42), 0.7), (3, (20, 34, 44, 60), 0.55)):
+        pixels[0, r0:r1, c0:c1] = 0.8
+        pixels[0, r0, c0:c1] = 0.6
+        pixels[1, r0:r1, c0:c1] = k / 10
+        pixels[2, r0:r1, c0:c1] = score
+    pixels[1:, 20:24, 44:48] = 0.0  # a notch: object 3 is not a rectangle
+    pixels[0, 20:24, 44:48] = 0.0
+    win = Window(100, 200, TILE, TILE)
+    return TileImage(Tile(0, 0, 0, win, win, None), pixels, np.ones((TILE, TILE), dtype=bool))
+
+
+def _summary(found: list[Instance]) -> list[tuple[int, int, tuple[int, ...], float]]:
+    return sorted((i.row_off, i.col_off, i.mask.shape, round(i.score, 6)) for i in found)
+
+
+@pytest.mark.parametrize("tta", [4, 8])
+def test_tta_of_an_equivariant_model_equals_no_tta(tta: int) -> None:
+    image = _blob_scene()
+    plain = MaskRCNNDetector(_BlobModel(), ("a",), ModelHints(), "blob", torch.device("cpu"), 0.5, 0.5, False)  # type: ignore[arg-type]
+    fused = MaskRCNNDetector(_BlobModel(), ("a",), ModelHints(), "blob", torch.device("cpu"), 0.5, 0.5, False, tta)  # type: ignore[arg-type]
+    (a,), (b,) = plain.detect([image]), fused.detect([image])
+    assert len(a) == 3 and _summary(a) == _summary(b)
+    for x, y in zip(sorted(a, key=lambda i: i.row_off), sorted(b, key=lambda i: i.row_off), strict=True):
+        assert (x.mask == y.mask).all()
+
+
+def test_tta_down_weights_an_object_seen_in_few_views() -> None:
+    """Each object lies in another quadrant, so exactly one of the 4 flip views sees it: every score is quartered."""
+    image = _blob_scene()
+    det = MaskRCNNDetector(_BlobModel(quadrant=True), ("a",), ModelHints(), "blob", torch.device("cpu"), 0.1, 0.5, False, 4)  # type: ignore[arg-type]
+    (found,) = det.detect([image])
+    assert sorted(round(i.score, 6) for i in found) == [round(s / 4, 6) for s in (0.55, 0.7, 0.9)]
+    det.score_threshold = 0.2  # a threshold above a quartered score drops that object
+    assert [round(i.score, 6) for i in det.detect([image])[0]] == [round(0.9 / 4, 6)]
+
+
+def test_fuse_views_votes_masks() -> None:
+    """Two of three views put a pixel in the mask: its mean probability decides, and the score is averaged."""
+    m = torch.zeros((1, 1, 4, 4))
+    m[0, 0, :2, :2] = 0.9
+    grown = m.clone()
+    grown[0, 0, 2, :2] = 0.9
+    views = [{"masks": x, "scores": torch.tensor([s]), "labels": torch.tensor([1])} for x, s in ((m, 0.9), (grown, 0.6), (grown, 0.3))]
+    out = fuse_views(views, 0.1, 0.5, 10)
+    assert out["masks"].shape == (1, 1, 4, 4) and float(out["scores"][0]) == pytest.approx(0.6)
+    assert ((out["masks"][0, 0] >= 0.5) == (grown[0, 0] > 0)).all()  # row 2: 0.6 mean probability, kept
+    other_class = [*views[:2], {"masks": grown, "scores": torch.tensor([0.3]), "labels": torch.tensor([2])}]
+    assert fuse_views(other_class, 0.0, 0.5, 10)["labels"].tolist() == [1, 2]  # classes never merge
+
+
+def test_tta_with_a_real_model(detector: MaskRCNNDetector) -> None:
+    image = tile_image(64, 128, h=50, w=TILE)
+    det = MaskRCNNDetector(detector.model, detector.classes, detector.hints, "t", torch.device("cpu"), 0.0, 0.3, False, 8)
+    (found,) = det.detect([image])
+    assert found and all(i.score <= 1.0 for i in found) and len(found) <= 50
+    for inst in found:  # mapped back into the tile, inside its valid (unpadded) part
+        assert (
+            inst.row_off >= 64 and inst.row_off + inst.height <= 64 + 50 and inst.col_off >= 128 and inst.col_off + inst.width <= 128 + TILE
+        )
+    with pytest.raises(DetectorError, match="tta must be one of"):
+        build(None, device="cpu", tta=3)
+
+
+def test_resnet101_fpn_forward_and_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet101_fpn", 1, 64, detections_per_img=5)
+    assert sum(p.numel() for p in model.backbone.body.parameters()) > 40_000_000  # ResNet-101, not 50
+    model.train()
+    target = {
+        "boxes": torch.tensor([[8.0, 8.0, 40.0, 30.0]]),
+        "labels": torch.tensor([1]),
+        "masks": torch.zeros((1, 64, 64), dtype=torch.uint8),
+    }
+    target["masks"][0, 8:30, 8:40] = 1
+    losses = model([torch.rand(3, 64, 64)], [target])
+    assert {"loss_classifier", "loss_mask"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    path = save_checkpoint(tmp_path / "r101.pt", CheckpointMeta("resnet101_fpn", ("a",), 64), model.state_dict())
+    det = build(str(path), device="cpu", score_threshold=0.0, detections_per_img=5)
+    assert det.name.startswith("maskrcnn-resnet101_fpn") and len(det.detect([tile_image(0, 0)])) == 1

@@ -133,6 +133,28 @@ def test_trained_model_through_the_pipeline(trained: tuple[Path, Path, list[tupl
     assert f1 > 0.8, (tp, fp, fn)
 
 
+def test_checkpoint_inference_defaults_drive_predict_and_the_config_overrides_them(
+    trained: tuple[Path, Path, list[tuple[int, int, int]]], tmp_path: Path
+) -> None:
+    """Squares are 25-121 m²: a carried min_area_m2 of 60 drops the small ones unless the config says otherwise."""
+    from geomask.detect.checkpoint import set_inference_defaults
+    from geomask.pipeline import build_detector
+
+    model, image, _ = trained
+    carried = set_inference_defaults(model, tmp_path / "carried.pt", {"min_area_m2": 60.0, "score_threshold": 0.3})
+    options = {"weights": str(carried), "device": "cpu"}
+    plan, feats, _ = predict_raster(
+        image, config_from_dict({"detector": {"options": options}}), build_detector(config_from_dict({"detector": {"options": options}}))
+    )
+    assert plan.config.vectorize.min_area_m2 == 60.0 and feats and min(f.geometry.area for f in feats) >= 60.0
+    override = {"detector": {"options": {**options, "score_threshold": 0.9}}, "vectorize": {"min_area_m2": 1.0}}
+    cfg = config_from_dict(override)
+    det = build_detector(cfg)
+    assert det.score_threshold == 0.9  # type: ignore[attr-defined]
+    plan, more, _ = predict_raster(image, cfg, det)
+    assert plan.config.vectorize.min_area_m2 == 1.0 and min(f.geometry.area for f in more) < 60.0
+
+
 def test_chips_and_targets(tmp_path: Path) -> None:
     image, labels, squares = square_scene(tmp_path, "s", 3, size=200, n=10)
     settings = TrainSettings(arch="tiny_fpn", chip_size_px=128, gsd_m=None)
@@ -229,6 +251,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
     image, labels, _ = square_scene(tmp_path, "c", 6, size=128, n=4)
     out = tmp_path / "cli.pt"
+    defaults = tmp_path / "inference.json"
+    defaults.write_text('{"score_threshold": 0.6, "tta": 4, "shape": "regularized"}')
     args = ["train", "--images", str(image), "--labels", str(labels), "-o", str(out), "--arch", "tiny_fpn", "--native-gsd"]
     main([*args, "--iterations", "2", "--val-every", "2", "--chip-size", "64", "--batch-size", "2", "--threads", "1", "--classes", "sq"])
     main(
@@ -250,6 +274,14 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "0.9",
             "--keep",
             "last",
+            "--copy-paste",
+            "0.5",
+            "--jpeg",
+            "0.5",
+            "--hue-jitter",
+            "0.05",
+            "--inference-defaults",
+            str(defaults),
         ]
     )
     assert capsys.readouterr().out.count("2 iterations") == 2
@@ -257,6 +289,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ckpt.meta is not None and ckpt.meta.classes == ("sq",) and ckpt.meta.gsd_m is None
     assert ckpt.meta.training["command"].startswith("geomask train --images") and "--arch tiny_fpn" in ckpt.meta.training["command"]
     assert "--ema 0.9 --keep last" in ckpt.meta.training["command"] and json.loads(ckpt.meta.training["settings"])["ema_decay"] == 0.9
+    assert ckpt.meta.inference == {"score_threshold": 0.6, "tta": 4, "shape": "regularized"}
+    assert json.loads(ckpt.meta.training["settings"])["copy_paste"] == 0.5 and "--copy-paste 0.5" in ckpt.meta.training["command"]
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  bogus: 1\n")
     with pytest.raises(SystemExit) as exc:

@@ -57,7 +57,10 @@ class ModelHints:
 
     ``channels`` is the number of bands a tile must have (``None``: any). The pipeline checks it
     against each raster's band selection before reading a tile, so a wrong ``raster.bands`` stops
-    a job in one line instead of failing every tile.
+    a job in one line instead of failing every tile. ``min_area_m2``, ``simplify_tolerance_m`` and
+    ``shape`` are the polygon settings the model's card was measured with; they fill the config's
+    ``vectorize`` settings left at their defaults (``shape`` names a polygon method, kept for the
+    polygon stage that reads it).
     """
 
     tile_size_px: int | None = None
@@ -66,6 +69,9 @@ class ModelHints:
     normalize_mode: str | None = None
     percentiles: tuple[float, float] | None = None
     channels: int | None = None
+    min_area_m2: float | None = None
+    simplify_tolerance_m: float | None = None
+    shape: str | None = None
 
 
 @runtime_checkable

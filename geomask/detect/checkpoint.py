@@ -8,6 +8,7 @@ checkpoint from a stranger is as safe to open as an image. Layout (``FORMAT_VERS
      "arch": "resnet18_fpn", "classes": ["building"], "tile_size_px": 256, "gsd_m": 0.3,
      "bands": [1, 2, 3], "normalize_mode": "auto", "percentiles": [2.0, 98.0],
      "attribution": "...", "metrics": {"val_f1": 0.5}, "training": {...},
+     "inference": {"score_threshold": 0.8, "tta": 4, ...} (optional: the model card's settings),
      "state_dict": {...}, "train_state": {...} (optional: optimizer, iteration, for resuming)}
 
 Plain torchvision state dicts (e.g. the COCO weights) are read too, without metadata.
@@ -32,6 +33,41 @@ from geomask.errors import WeightsError
 FORMAT = "geomask-checkpoint"
 FORMAT_VERSION = 1
 _CLS_KEY = "roi_heads.box_predictor.cls_score.weight"
+#: Inference defaults a checkpoint may carry, with their types. Detector options (the first five) are
+#: used by :func:`geomask.detect.maskrcnn.build` when not given; ``min_area_m2``, ``simplify_tolerance_m``
+#: and ``shape`` (the polygon method, by name) fill the config's vectorize settings that are left at their
+#: defaults. Keys a newer geomask wrote are kept when read, and ignored.
+INFERENCE_KEYS: dict[str, type] = {
+    "score_threshold": float,
+    "mask_threshold": float,
+    "nms_threshold": float,
+    "detections_per_img": int,
+    "tta": int,
+    "min_area_m2": float,
+    "simplify_tolerance_m": float,
+    "shape": str,
+}
+
+
+def check_inference(values: dict[str, Any]) -> dict[str, Any]:
+    """Return ``values`` as plain typed inference defaults, or raise :class:`WeightsError` naming the first bad key.
+
+    Called when writing defaults, so a typo is caught where it is made, not silently ignored by ``predict``.
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        kind = INFERENCE_KEYS.get(key)
+        if kind is None:
+            raise WeightsError(f"unknown inference default {key!r}; use some of {sorted(INFERENCE_KEYS)}")
+        if kind is str:
+            if not isinstance(value, str):
+                raise WeightsError(f"inference default {key} must be a name, got {value!r}")
+            out[key] = value
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and int(value) != value):
+            raise WeightsError(f"inference default {key} must be a{'n integer' if kind is int else ' number'}, got {value!r}")
+        out[key] = kind(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -49,6 +85,8 @@ class CheckpointMeta:
         attribution: Credit owed to the training data's authors; travels with every copy.
         metrics: Validation metrics at the time of saving (e.g. ``val_f1``).
         training: Free-form provenance (iterations, seconds, hardware, command line).
+        inference: Inference defaults chosen for this model (see :data:`INFERENCE_KEYS`), so that naming
+            the weights alone gives the model card's accuracy; a config overrides each of them.
     """
 
     arch: str
@@ -61,6 +99,7 @@ class CheckpointMeta:
     attribution: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    inference: dict[str, Any] = field(default_factory=dict)
 
     def hints(self) -> ModelHints:
         """Return the settings ``predict`` should default to for this model."""
@@ -70,6 +109,9 @@ class CheckpointMeta:
             bands=self.bands,
             normalize_mode=self.normalize_mode,
             percentiles=self.percentiles,
+            min_area_m2=self.inference.get("min_area_m2"),
+            simplify_tolerance_m=self.inference.get("simplify_tolerance_m"),
+            shape=self.inference.get("shape"),
         )
 
 
@@ -206,7 +248,22 @@ def _meta_from_dict(data: dict[str, Any]) -> CheckpointMeta:
         attribution=str(data.get("attribution", "")),
         metrics={str(k): float(v) for k, v in dict(data.get("metrics") or {}).items()},
         training=dict(data.get("training") or {}),
+        inference=_read_inference(data.get("inference")),
     )
+
+
+def _read_inference(raw: object) -> dict[str, Any]:
+    """Known keys typed (invalid values raise ValueError/TypeError); keys of a newer geomask kept as they are."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise TypeError(f"inference must be a mapping, got {type(raw).__name__}")
+    known = {k: v for k, v in raw.items() if k in INFERENCE_KEYS}
+    try:
+        typed = check_inference(known)
+    except WeightsError as err:
+        raise ValueError(str(err)) from None
+    return {**{str(k): v for k, v in raw.items() if k not in INFERENCE_KEYS}, **typed}
 
 
 def _first_line(err: BaseException) -> str:
@@ -215,6 +272,26 @@ def _first_line(err: BaseException) -> str:
         if "Unsupported global" in line:
             return line.strip().split(" was not", 1)[0][:200]
     return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def set_inference_defaults(source: str | Path, destination: str | Path, values: dict[str, Any], replace: bool = False) -> Path:
+    """Write a copy of a checkpoint whose inference defaults are updated with ``values`` (weights untouched).
+
+    Args:
+        source: A geomask checkpoint.
+        destination: Where to write (may be ``source``; the write is atomic).
+        values: Inference defaults to set (see :data:`INFERENCE_KEYS`); a ``None`` value removes a key.
+        replace: Start from no defaults instead of the checkpoint's.
+    """
+    ckpt = load_checkpoint(source)
+    if ckpt.meta is None:
+        raise WeightsError(f"{source} is a plain state dict without metadata; only geomask checkpoints carry inference defaults")
+    merged = {} if replace else dict(ckpt.meta.inference)
+    merged.update(check_inference({k: v for k, v in values.items() if v is not None}))
+    for key in [k for k, v in values.items() if v is None]:
+        merged.pop(key, None)
+    meta = CheckpointMeta(**{**ckpt.meta.__dict__, "inference": merged})
+    return save_checkpoint(destination, meta, ckpt.state_dict, train_state=ckpt.train_state)
 
 
 def export_half(source: str | Path, destination: str | Path, metrics: dict[str, float] | None = None) -> Path:

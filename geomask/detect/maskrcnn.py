@@ -1,6 +1,7 @@
 """The built-in detector: torchvision Mask R-CNN, batched, with masks cropped on the device.
 
-Three architectures: ``resnet50_fpn`` (torchvision v1, the COCO weights' shape), ``resnet50_fpn_v2``
+Architectures: ``resnet50_fpn`` (torchvision v1, the COCO weights' shape), ``resnet50_fpn_v2``,
+``resnet101_fpn`` (v1 heads on ResNet-101, for ImageNet-initialised training), ``tiny_fpn`` (tests)
 and ``resnet18_fpn``, a CPU-friendly model for training from scratch (trainable ``BatchNorm2d``,
 because frozen batch norm without pretrained statistics is wrong from scratch; 128-channel FPN and
 mask head; anchors from 16 px because objects at 0.3 m are small).
@@ -8,6 +9,14 @@ mask head; anchors from 16 px because objects at 0.3 m are small).
 The model's own resize is neutralised: each batch is zero-padded to one square side (at least the
 model's tile size) and ``min_size = max_size = side``, so the scale factor is exactly 1 and a pixel in
 is a pixel out. Rasters smaller than a tile therefore work unchanged.
+
+Test-time augmentation (``tta`` 4 or 8) runs each padded tile through the flips (4) or all eight
+dihedral transforms (8), maps every view's masks back, and fuses them per tile before the cross-tile
+merge (:func:`fuse_views`): one object is a group of detections, at most one per view, whose binary
+masks overlap by mask IoU ≥ 0.5; its mask is the mean probability of its members (mask voting) and its
+score the sum of their scores over the number of views, so an object seen in few views is
+down-weighted and, below ``score_threshold``, dropped. Nadir imagery has no "up", so every view is a
+plausible image; the cost is ``tta`` forward passes per tile.
 """
 
 from __future__ import annotations
@@ -39,10 +48,16 @@ from geomask.instances import Instance
 log = logging.getLogger(__name__)
 
 #: ``tiny_fpn`` is a few-hundred-thousand-parameter model for tests and demos: it learns simple shapes in seconds.
-ARCHS = ("resnet50_fpn", "resnet50_fpn_v2", "resnet18_fpn", "tiny_fpn")
+ARCHS = ("resnet50_fpn", "resnet50_fpn_v2", "resnet101_fpn", "resnet18_fpn", "tiny_fpn")
 #: Names accepted as ``weights`` for torchvision's COCO weights (downloaded on first use when online).
 COCO_WEIGHTS = {"coco": "resnet50_fpn", "coco_v2": "resnet50_fpn_v2"}
 DEFAULT_TILE_SIZE_PX = 512
+#: Test-time views as ``(quarter turns, horizontal flip)``: the first 4 are the flips (identity, h, v = 180° + h,
+#: 180°), all 8 the dihedral group of the square.
+TTA_VIEWS = ((0, False), (0, True), (2, True), (2, False), (1, False), (1, True), (3, False), (3, True))
+TTA_CHOICES = (1, 4, 8)
+#: Mask IoU at which detections of two views are one object.
+TTA_MATCH_IOU = 0.5
 
 
 def build_model(arch: str, num_classes: int, tile_size_px: int = DEFAULT_TILE_SIZE_PX, detections_per_img: int = 300) -> MaskRCNN:
@@ -68,11 +83,26 @@ def build_model(arch: str, num_classes: int, tile_size_px: int = DEFAULT_TILE_SI
         from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
         return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **common)
+    if arch == "resnet101_fpn":
+        return _resnet101_fpn(common)
     if arch == "resnet18_fpn":
         return _resnet18_fpn(common, channels=128)
     if arch == "tiny_fpn":
         return _tiny_fpn(common)
     raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
+
+
+def _resnet101_fpn(common: dict[str, Any]) -> MaskRCNN:
+    """ResNet-101 + FPN with torchvision's v1 heads (256 channels), the backbone of the Mask R-CNN paper.
+
+    Batch norm is trainable ``BatchNorm2d`` in every stage: correct from scratch, and ImageNet ResNet-101
+    weights (``torchvision.models.ResNet101_Weights``) load into ``backbone.body`` with the same keys.
+    """
+    from torchvision.models import resnet101
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    backbone = _resnet_fpn_extractor(resnet101(weights=None, norm_layer=nn.BatchNorm2d), trainable_layers=5)
+    return MaskRCNN(backbone, **common)
 
 
 def _resnet18_fpn(common: dict[str, Any], channels: int) -> MaskRCNN:
@@ -218,15 +248,21 @@ class MaskRCNNDetector:
         score_threshold: float = 0.5,
         mask_threshold: float = 0.5,
         amp: bool = True,
+        tta: int = 1,
     ):
+        _check_tta(tta)
         self.model = model.to(device).eval()
         self.classes = tuple(classes)
         self.hints = dataclasses.replace(hints, channels=3)  # torchvision's transform normalises 3 bands
         self.name = name
         self.device = device
         self.mask_threshold = mask_threshold
+        self.score_threshold = score_threshold
+        self.tta = tta
         self.amp = amp and device.type == "cuda"
-        self.model.roi_heads.score_thresh = score_threshold
+        # With views fused, an object is kept on its mean score; each view keeps candidates down to half the
+        # threshold so that an object scoring just under it in one view still counts there.
+        self.model.roi_heads.score_thresh = score_threshold if tta == 1 else score_threshold / 2
         self.tile_size_px = hints.tile_size_px or int(model.transform.max_size)
 
     def detect(self, batch: Sequence[TileImage]) -> list[list[Instance]]:
@@ -252,6 +288,13 @@ class MaskRCNNDetector:
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
         with torch.inference_mode(), autocast:
             outputs = self.model(tensors)
+            if self.tta > 1:
+                views = [outputs]
+                for turns, flip in TTA_VIEWS[1 : self.tta]:
+                    seen = self.model([view_image(t, turns, flip) for t in tensors])
+                    views.append([unview_output(o, turns, flip) for o in seen])
+                limit = int(self.model.roi_heads.detections_per_img)
+                outputs = [fuse_views([v[i] for v in views], self.score_threshold, self.mask_threshold, limit) for i in range(len(tensors))]
         return [self._instances(out, image) for out, image in zip(outputs, batch, strict=True)]
 
     def _instances(self, out: dict[str, torch.Tensor], image: TileImage) -> list[Instance]:
@@ -286,9 +329,113 @@ class MaskRCNNDetector:
         return found
 
 
+def view_image(image: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:
+    """Return a ``(..., side, side)`` image rotated by ``turns`` quarter turns, then flipped left-right if ``flip``."""
+    out = torch.rot90(image, turns, dims=(-2, -1))
+    return out.flip(-1) if flip else out
+
+
+def unview_output(output: dict[str, torch.Tensor], turns: int, flip: bool) -> dict[str, torch.Tensor]:
+    """Map one view's masks back to the tile's orientation (boxes are dropped: they follow from the masks)."""
+    masks = output["masks"].flip(-1) if flip else output["masks"]
+    return {"masks": torch.rot90(masks, -turns, dims=(-2, -1)), "scores": output["scores"], "labels": output["labels"]}
+
+
+def fuse_views(
+    views: Sequence[dict[str, torch.Tensor]], score_threshold: float, mask_threshold: float, limit: int
+) -> dict[str, torch.Tensor]:
+    """Fuse the detections of several views of one tile (all in the tile's orientation) into one set.
+
+    Views are visited in order and, within a view, detections by score: a detection joins the best
+    group of its class whose mean mask it overlaps by mask IoU ≥ :data:`TTA_MATCH_IOU` and that has no
+    member from this view yet, else it starts a group. A group's mask is its members' mean probability
+    (mask voting); its score is the members' score sum over ``len(views)``, i.e. a view that missed the
+    object counts as score 0. Groups scoring below ``score_threshold`` are dropped; at most ``limit``,
+    best first, are kept.
+
+    Args:
+        views: torchvision outputs with ``masks`` ``(n, 1, h, w)`` probabilities, ``scores`` and ``labels``.
+        score_threshold: Smallest fused score kept.
+        mask_threshold: Probability at which a pixel is in a mask, for matching.
+        limit: Most objects returned.
+
+    Returns:
+        ``masks``, ``scores`` and ``labels`` like a torchvision output, best first.
+    """
+    first = views[0]["masks"]
+    h, w = first.shape[-2:]
+    sums: list[torch.Tensor] = []  # per group: probability sum (h*w,)
+    score_sum: list[float] = []
+    count: list[int] = []
+    labels: list[int] = []
+    for out in views:
+        probs = out["masks"].reshape(-1, h * w).float()
+        if probs.shape[0] == 0:
+            continue
+        scores = out["scores"].float().cpu().numpy()
+        labs = out["labels"].cpu().numpy()
+        n_old = len(sums)
+        if n_old:
+            means = torch.stack(sums) / torch.tensor(count, dtype=torch.float32, device=probs.device)[:, None]
+            group_bin = (means >= mask_threshold).float()
+            binary = (probs >= mask_threshold).float()
+            inter = binary @ group_bin.T
+            union = binary.sum(1, keepdim=True) + group_bin.sum(1)[None, :] - inter
+            iou = (inter / union.clamp(min=1.0)).cpu().numpy()
+            iou[labs[:, None] != np.asarray(labels)[None, :]] = -1.0  # only groups of the same class
+        taken = np.zeros(n_old, dtype=bool)  # a group takes at most one member per view
+        for i in np.argsort(-scores, kind="stable"):
+            g = -1
+            if n_old:
+                row = np.where(taken, -1.0, iou[i])
+                g = int(row.argmax())
+                g = g if row[g] >= TTA_MATCH_IOU else -1
+            if g < 0:
+                sums.append(probs[i].clone())
+                score_sum.append(float(scores[i]))
+                count.append(1)
+                labels.append(int(labs[i]))
+            else:
+                sums[g] += probs[i]
+                score_sum[g] += float(scores[i])
+                count[g] += 1
+                taken[g] = True
+    fused = torch.tensor(score_sum, dtype=torch.float32) / len(views)
+    keep = [g for g in torch.argsort(fused, descending=True).tolist() if float(fused[g]) >= score_threshold][:limit]
+    device = first.device
+    if not keep:
+        return {
+            "masks": first.new_zeros((0, 1, h, w), dtype=torch.float32),
+            "scores": fused[:0].to(device),
+            "labels": views[0]["labels"][:0],
+        }
+    masks = torch.stack([sums[g] / count[g] for g in keep]).reshape(-1, 1, h, w)
+    return {
+        "masks": masks,
+        "scores": fused[keep].to(device),
+        "labels": torch.tensor([labels[g] for g in keep], dtype=torch.int64, device=device),
+    }
+
+
+def _check_tta(tta: float) -> None:
+    if tta not in TTA_CHOICES:
+        raise DetectorError(f"tta must be one of {list(TTA_CHOICES)} (identity, flips, all 8 flips/rotations), got {tta}")
+
+
+#: What the detector options default to when neither the call nor the checkpoint sets them.
+DETECTOR_DEFAULTS: dict[str, float | int] = {
+    "score_threshold": 0.5,
+    "mask_threshold": 0.5,
+    "detections_per_img": 300,
+    "nms_threshold": 0.5,
+    "tta": 1,
+}
+
+
 def _check_options(
-    score_threshold: float, mask_threshold: float, detections_per_img: int, tile_size_px: int | None, nms_threshold: float
+    score_threshold: float, mask_threshold: float, detections_per_img: float, tile_size_px: int | None, nms_threshold: float, tta: float
 ) -> None:
+    _check_tta(tta)
     if not 0.0 < nms_threshold <= 1.0:
         raise DetectorError(f"nms_threshold must be in (0, 1], got {nms_threshold}")
     if not 0.0 <= score_threshold <= 1.0:
@@ -305,13 +452,14 @@ def build(
     weights: str | None = None,
     arch: str | None = None,
     device: str = "auto",
-    score_threshold: float = 0.5,
-    mask_threshold: float = 0.5,
-    detections_per_img: int = 300,
+    score_threshold: float | None = None,
+    mask_threshold: float | None = None,
+    detections_per_img: int | None = None,
     amp: bool = True,
     classes: Sequence[str] | None = None,
     tile_size_px: int | None = None,
-    nms_threshold: float = 0.5,
+    nms_threshold: float | None = None,
+    tta: int | None = None,
 ) -> MaskRCNNDetector:
     """Build the Mask R-CNN detector (factory ``geomask.detect.maskrcnn:build``).
 
@@ -330,12 +478,19 @@ def build(
         nms_threshold: Within a tile, of two detections whose boxes overlap by more than this IoU only
             the higher-scoring one is kept (torchvision's ``box_nms_thresh``). Lower it for objects
             that rarely overlap (isolated crowns) to drop double detections of one object.
+        tta: Test-time augmentation: 1 (off), 4 (flips) or 8 (flips and 90° rotations), fused per tile
+            (see :func:`fuse_views`); costs ``tta`` forward passes per tile.
+
+    The five threshold/TTA options left ``None`` take the checkpoint's inference defaults (its
+    ``inference`` metadata, the model card's settings), else :data:`DETECTOR_DEFAULTS`.
 
     Raises:
         DetectorError: An option is invalid.
         WeightsError: The weights are missing, unreadable or do not match ``arch``/``classes``.
     """
-    _check_options(score_threshold, mask_threshold, detections_per_img, tile_size_px, nms_threshold)
+    given = {"score_threshold": score_threshold, "mask_threshold": mask_threshold, "detections_per_img": detections_per_img}
+    given.update(nms_threshold=nms_threshold, tta=tta)
+    _check_options(**{**DETECTOR_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}, tile_size_px=tile_size_px)
     if arch is not None and arch not in ARCHS:
         raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
     dev = resolve_device(device)
@@ -368,16 +523,23 @@ def build(
     names_out = list(classes) if classes is not None else list(default_classes)
     if len(names_out) != n:
         names_out = [f"class_{i}" for i in range(n)]
+    carried = {k: v for k, v in (meta.inference if meta is not None else {}).items() if k in DETECTOR_DEFAULTS}
+    opts = {**DETECTOR_DEFAULTS, **carried, **{k: v for k, v in given.items() if v is not None}}
+    if carried:
+        _check_options(**opts, tile_size_px=tile_size_px)
+        log.info("%s: inference defaults %s (options given override them)", source, carried)
     tile = tile_size_px or (meta.tile_size_px if meta is not None else DEFAULT_TILE_SIZE_PX)
-    model = build_model(the_arch, n, tile, detections_per_img)
-    model.roi_heads.nms_thresh = nms_threshold
+    model = build_model(the_arch, n, tile, int(opts["detections_per_img"]))
+    model.roi_heads.nms_thresh = float(opts["nms_threshold"])
     load_weights(model, ckpt.state_dict, source, the_arch)
     hints = meta.hints() if meta is not None else ModelHints()
     if tile_size_px is not None:
         hints = dataclasses.replace(hints, tile_size_px=tile_size_px)
     name = f"maskrcnn-{the_arch}:{Path(source).name if weights not in COCO_WEIGHTS else weights}"
     log.info("loaded %s (%d classes) on %s", name, n, dev)
-    return MaskRCNNDetector(model, names_out, hints, name, dev, score_threshold, mask_threshold, amp)
+    return MaskRCNNDetector(
+        model, names_out, hints, name, dev, float(opts["score_threshold"]), float(opts["mask_threshold"]), amp, int(opts["tta"])
+    )
 
 
 def _pick_arch(arch: str | None, meta: CheckpointMeta | None, source: str) -> str:

@@ -20,6 +20,7 @@ time and resumed.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from geomask.detect.base import ModelHints, TileImage
-from geomask.detect.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from geomask.detect.checkpoint import CheckpointMeta, check_inference, load_checkpoint, save_checkpoint
 from geomask.detect.maskrcnn import ARCHS, MaskRCNNDetector, build_model, coco_state_dict, count_parameters, resolve_device
 from geomask.errors import ConfigError, LabelError, WeightsError
 from geomask.labels import LabelSet, expand_paths, rasterize_instances, read_labels, window_bounds
@@ -97,6 +98,18 @@ class TrainSettings:
         keep: Which weights ``output`` holds: ``best`` (best validation F1) or ``last`` (the weights
             at each validation, finally the last). Use ``last`` when the validation rasters are also
             your test set, so that choosing a checkpoint does not peek at the test.
+        copy_paste: Probability per chip of Simple Copy-Paste (Ghiasi et al. 2021): a random subset of the
+            labelled objects of another positive chip (any training raster, its own scale jitter, flip and
+            rotation) is pasted on, occluding what it covers. Few labels then appear in many contexts.
+        hue_jitter: Largest hue rotation as a fraction of the colour wheel (0.05: ±18°); 3-band chips only.
+        saturation_jitter: Saturation factor drawn from ``[1 - s, 1 + s]``; 3-band chips only.
+        blur: Probability per chip of a Gaussian blur (sigma 0.5–1.5 px): soft or resampled imagery.
+        noise: Largest standard deviation of added Gaussian noise, in normalised pixel units (0..1).
+        jpeg: Probability per chip of a JPEG round trip at quality 30–90: the blocky artefacts of
+            compressed orthophotos and web tiles.
+        inference: Inference defaults written into every checkpoint of the run (keys of
+            :data:`geomask.detect.checkpoint.INFERENCE_KEYS`), so ``--weights`` alone gives the card's
+            settings; a config still overrides each.
     """
 
     arch: str = "resnet18_fpn"
@@ -129,6 +142,13 @@ class TrainSettings:
     log_every: int = 10
     ema_decay: float | None = None
     keep: str = "best"
+    copy_paste: float = 0.0
+    hue_jitter: float = 0.0
+    saturation_jitter: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+    jpeg: float = 0.0
+    inference: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raise :class:`ConfigError` naming the first invalid setting."""
@@ -156,6 +176,19 @@ class TrainSettings:
             raise ConfigError(f"ema_decay must be in (0, 1), e.g. 0.998, got {self.ema_decay}")
         if self.keep not in ("best", "last"):
             raise ConfigError(f"keep must be 'best' or 'last', got {self.keep!r}")
+        for name in ("copy_paste", "blur", "jpeg"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} is a probability per chip and must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.hue_jitter <= 0.5:
+            raise ConfigError(f"hue_jitter is a fraction of the colour wheel and must be in [0, 0.5], got {self.hue_jitter}")
+        if not 0.0 <= self.saturation_jitter <= 1.0:
+            raise ConfigError(f"saturation_jitter must be in [0, 1], got {self.saturation_jitter}")
+        try:
+            check_inference(self.inference)
+        except WeightsError as err:
+            raise ConfigError(str(err)) from None
+        if not 0.0 <= self.noise <= 0.5:
+            raise ConfigError(f"noise is a standard deviation in normalised pixel units and must be in [0, 0.5], got {self.noise}")
 
 
 @dataclass
@@ -294,20 +327,32 @@ class ChipSampler:
         self._label_p = counts / counts.sum() if counts.sum() > 0 else None
 
     def sample(self) -> Chip:
-        """Draw one augmented chip (retrying a few times to avoid mostly-nodata chips)."""
+        """Draw one augmented chip (retrying a few times to avoid mostly-nodata chips).
+
+        Every augmentation that is off draws no random number, so runs without the newer options
+        see exactly the chips they saw before those options existed.
+        """
         s = self.settings
+        chip = self._draw_valid(None)
+        if s.copy_paste > 0 and self.rng.random() < s.copy_paste and self._label_p is not None:
+            source = augment(self._draw_valid(True), self.rng, 0.0)
+            chip = copy_paste(chip, source, self.rng, self.reader.min_area_px)
+        return photometric(augment(chip, self.rng, s.color_jitter), self.rng, s)
+
+    def _draw_valid(self, positive: bool | None) -> Chip:
         for _ in range(10):
-            chip = self._draw()
+            chip = self._draw(positive)
             if chip.valid.mean() >= 0.5:
                 break
-        return augment(chip, self.rng, s.color_jitter)
+        return chip
 
-    def _draw(self) -> Chip:
+    def _draw(self, positive: bool | None = None) -> Chip:
         s, rng = self.settings, self.rng
         lo, hi = s.scale_jitter
         scale = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         span = s.chip_size_px * scale
-        positive = rng.random() < s.positive_fraction
+        if positive is None:
+            positive = bool(rng.random() < s.positive_fraction)
         if positive and self._label_p is not None:
             k = int(rng.choice(len(self._label_p), p=self._label_p))
             cy, cx = self.reader.rasters[k].centers[int(rng.integers(len(self.reader.rasters[k].centers)))]
@@ -348,6 +393,89 @@ def augment(chip: Chip, rng: np.random.Generator, color_jitter: float) -> Chip:
         np.clip(pixels, 0.0, 1.0, out=pixels)
         pixels[:, ~valid] = 0.0
     return Chip(pixels, valid, masks, chip.class_ids)
+
+
+def copy_paste(chip: Chip, source: Chip, rng: np.random.Generator, min_area_px: int) -> Chip:
+    """Paste a random non-empty subset of ``source``'s objects onto ``chip`` (Simple Copy-Paste).
+
+    Both chips share one pixel grid (same size; ``source`` carries its own scale jitter and dihedral
+    transform). Pasted pixels occlude what they cover: the masks of covered objects lose those
+    pixels, and an object left with fewer than ``min_area_px`` pixels is dropped, as is a pasted one
+    that keeps fewer than that on ``chip``'s valid pixels. Later pastes occlude earlier ones. Class
+    ids travel with their masks; boxes are derived from masks by :func:`chip_target`, so they follow.
+    """
+    if not source.masks:
+        return chip
+    n = int(rng.integers(1, len(source.masks) + 1))
+    picked = sorted(int(i) for i in rng.choice(len(source.masks), size=n, replace=False))
+    pixels = chip.pixels.copy()
+    masks = [m.copy() for m in chip.masks]
+    class_ids = list(chip.class_ids)
+    for i in picked:
+        pasted = source.masks[i] & source.valid & chip.valid
+        if int(pasted.sum()) < min_area_px:
+            continue
+        pixels[:, pasted] = source.pixels[:, pasted]
+        for m in masks:
+            m &= ~pasted
+        masks.append(pasted)
+        class_ids.append(source.class_ids[i])
+    kept = [k for k, m in enumerate(masks) if int(m.sum()) >= min_area_px]
+    return Chip(pixels, chip.valid, [masks[k] for k in kept], [class_ids[k] for k in kept])
+
+
+# RGB <-> YIQ: hue is the angle and saturation the radius of (I, Q), so both jitters are one linear map.
+_RGB_TO_YIQ = np.asarray([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=np.float64)
+_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
+
+
+def photometric(chip: Chip, rng: np.random.Generator, settings: TrainSettings) -> Chip:
+    """Apply the cross-city photometric augmentation the settings switch on (each off by default).
+
+    Order follows image formation: colour (hue, saturation), optics (blur), sensor (noise), then
+    compression (JPEG). Geometry, validity and masks are untouched; invalid pixels stay 0.
+    """
+    s = settings
+    pixels = chip.pixels
+    if (s.hue_jitter > 0 or s.saturation_jitter > 0) and pixels.shape[0] == 3:
+        angle = rng.uniform(-s.hue_jitter, s.hue_jitter) * 2 * math.pi if s.hue_jitter > 0 else 0.0
+        sat = rng.uniform(1 - s.saturation_jitter, 1 + s.saturation_jitter) if s.saturation_jitter > 0 else 1.0
+        cos, sin = math.cos(angle) * sat, math.sin(angle) * sat
+        rotate = np.asarray([[1.0, 0.0, 0.0], [0.0, cos, -sin], [0.0, sin, cos]])
+        matrix = (_YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ).astype(np.float32)
+        pixels = np.einsum("ij,jhw->ihw", matrix, pixels).astype(np.float32)
+    if s.blur > 0 and rng.random() < s.blur:
+        from torchvision.transforms.v2.functional import gaussian_blur
+
+        sigma = float(rng.uniform(0.5, 1.5))
+        kernel = 2 * math.ceil(2 * sigma) + 1
+        pixels = gaussian_blur(torch.from_numpy(np.ascontiguousarray(pixels)), [kernel, kernel], [sigma, sigma]).numpy()
+    if s.noise > 0:
+        sigma = float(rng.uniform(0.0, s.noise))
+        pixels = pixels + rng.normal(0.0, sigma, size=pixels.shape).astype(np.float32)
+    if s.jpeg > 0 and rng.random() < s.jpeg:
+        pixels = _jpeg_round_trip(pixels, int(rng.integers(30, 91)))
+    if pixels is chip.pixels:
+        return chip
+    pixels = np.clip(pixels, 0.0, 1.0).astype(np.float32)
+    pixels[:, ~chip.valid] = 0.0
+    return Chip(pixels, chip.valid, chip.masks, chip.class_ids)
+
+
+def _jpeg_round_trip(pixels: FloatArray, quality: int) -> FloatArray:
+    """Encode and decode ``pixels`` (``[0, 1]``, bands first) as 8-bit JPEG, band by band unless RGB."""
+    from PIL import Image
+
+    as_bytes = np.clip(np.rint(pixels * 255.0), 0, 255).astype(np.uint8)
+    groups = [as_bytes.transpose(1, 2, 0)] if as_bytes.shape[0] == 3 else list(as_bytes)
+    decoded = []
+    for group in groups:
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(group)).save(buffer, format="JPEG", quality=quality)
+        buffer.seek(0)
+        decoded.append(np.asarray(Image.open(buffer), dtype=np.float32) / 255.0)
+    out = decoded[0].transpose(2, 0, 1) if as_bytes.shape[0] == 3 else np.stack(decoded)
+    return np.ascontiguousarray(out, dtype=np.float32)
 
 
 def chip_target(chip: Chip) -> dict[str, torch.Tensor]:
@@ -669,6 +797,7 @@ def train(
             percentiles=(2.0, 98.0),
             attribution=settings.attribution,
             metrics=metrics,
+            inference=check_inference(settings.inference),
             training={
                 "iterations": it,
                 "seconds": round(seconds, 1),

@@ -34,6 +34,17 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
     return dict(data.get("train", data))
 
 
+def _load_mapping(path: str, what: str) -> dict[str, Any]:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}  # JSON is YAML
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"cannot read {what} {path} ({str(err).splitlines()[0]}); give a YAML or JSON file") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of {what}, e.g. {{score_threshold: 0.6, tta: 4}}")
+    return dict(data)
+
+
 def _command_line(ctx: click.Context) -> str:
     """Rebuild an equivalent command line from the parsed options (recorded in the checkpoint)."""
     words = ctx.command_path.split()
@@ -55,7 +66,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--labels", "labels", multiple=True, required=True, help="Vector labels in any OGR format/CRS (repeatable).")
 @click.option("-o", "--output", required=True, help="Best checkpoint (.pt); OUTPUT.last.pt and OUTPUT.log.jsonl go beside it.")
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="YAML of training settings (keys of TrainSettings).")
-@click.option("--arch", help="resnet18_fpn (CPU-friendly, default), resnet50_fpn, resnet50_fpn_v2, tiny_fpn.")
+@click.option("--arch", help="resnet18_fpn (CPU-friendly, default), resnet50_fpn, resnet50_fpn_v2, resnet101_fpn, tiny_fpn.")
 @click.option("--iterations", type=int, help="Optimiser steps in total.")
 @click.option("--epochs", type=int, help="Validation rounds; iterations = epochs x --val-every.")
 @click.option("--val-every", type=int, help="Iterations per epoch (validation and best checkpoint).")
@@ -78,6 +89,18 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--seed", type=int, help="Random seed.")
 @click.option("--ema", "ema_decay", type=float, help="Average the weights with this decay (e.g. 0.998); validate and save the average.")
 @click.option("--keep", type=click.Choice(["best", "last"]), help="OUTPUT holds the best-validating weights (default) or the last.")
+@click.option("--copy-paste", type=float, help="Probability per chip of pasting objects from another chip (Simple Copy-Paste).")
+@click.option("--hue-jitter", type=float, help="Largest hue rotation, as a fraction of the colour wheel (e.g. 0.05).")
+@click.option("--saturation-jitter", type=float, help="Saturation factor drawn from [1-s, 1+s] (e.g. 0.3).")
+@click.option("--blur", type=float, help="Probability per chip of a Gaussian blur (sigma 0.5-1.5 px).")
+@click.option("--noise", type=float, help="Largest std of added Gaussian noise, in normalised pixel units (e.g. 0.03).")
+@click.option("--jpeg", type=float, help="Probability per chip of a JPEG round trip at quality 30-90.")
+@click.option(
+    "--inference-defaults",
+    "inference_path",
+    type=click.Path(dir_okay=False, exists=True),
+    help="YAML/JSON mapping of inference defaults stored in the checkpoint (score_threshold, tta, min_area_m2, ...).",
+)
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.last.pt.")
 def train(
     images: tuple[str, ...],
@@ -90,6 +113,7 @@ def train(
     epochs: int | None,
     resume: bool,
     classes: str | None,
+    inference_path: str | None,
     **options: Any,
 ) -> None:
     """Train a Mask R-CNN on rasters and vector labels; write the best checkpoint to --output."""
@@ -108,6 +132,8 @@ def train(
     for key in ("classes", "bands", "scale_jitter"):
         if isinstance(values.get(key), list):
             values[key] = tuple(values[key])
+    if inference_path is not None:
+        values["inference"] = {**dict(values.get("inference") or {}), **_load_mapping(inference_path, "inference defaults")}
     if epochs is not None:
         values["iterations"] = epochs * int(values.get("val_every", settings_cls().val_every))
     try:
