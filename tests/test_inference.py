@@ -102,7 +102,7 @@ class _PickyDetector:
 
 
 def test_a_rejected_batch_is_retried_tile_by_tile(corrupt_scene: tuple[Path, Path], tmp_path: Path) -> None:
-    image, labels = corrupt_scene
+    _image, labels = corrupt_scene
     plan = plan_raster(tmp_path / "plain.tif", truth_config(labels))
     det = _PickyDetector()
     with plan.reader() as reader:
