@@ -77,11 +77,7 @@ def test_failed_tiles_are_recorded_and_the_rest_is_detected(corrupt_scene: tuple
         run = run_tiles(reader, plan.tiles, det, 4, found.extend)
     assert run.failures and {f.stage for f in run.failures} == {"read"}
     # Every tile that reads the corrupt block (rows 0..256, cols 512..768) failed, and only those.
-    touching = {
-        t.index
-        for t in plan.tiles
-        if t.read.row_off < 256 and t.read.col_off < 768 and t.read.col_off + t.read.width > 512
-    }
+    touching = {t.index for t in plan.tiles if t.read.row_off < 256 and t.read.col_off < 768 and t.read.col_off + t.read.width > 512}
     assert {f.tile for f in run.failures} == touching
     assert found and {i.tile_id for i in found}.isdisjoint(touching)
 
