@@ -250,6 +250,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "0.9",
             "--keep",
             "last",
+            "--overwrite",  # onto the first run's checkpoint
         ]
     )
     assert capsys.readouterr().out.count("2 iterations") == 2
@@ -257,6 +258,11 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ckpt.meta is not None and ckpt.meta.classes == ("sq",) and ckpt.meta.gsd_m is None
     assert ckpt.meta.training["command"].startswith("geomask train --images") and "--arch tiny_fpn" in ckpt.meta.training["command"]
     assert "--ema 0.9 --keep last" in ckpt.meta.training["command"] and json.loads(ckpt.meta.training["settings"])["ema_decay"] == 0.9
+    trained = out.read_bytes()
+    with pytest.raises(SystemExit) as exc:  # onto a model without --overwrite (or --resume): refused before training starts
+        main([*args, "--iterations", "2"])
+    assert exc.value.code == 2 and f"output {out} exists; add --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == trained
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  bogus: 1\n")
     with pytest.raises(SystemExit) as exc:

@@ -44,6 +44,11 @@ EXIT_FAILURES = 3
 @click.option("--gpu/--no-gpu", default=None, help="Run inference tasks on workers that offer resources GPU=1 (dask.gpu).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Folder that keeps finished tasks; re-run the same command to resume.")
 @click.option("--fresh", is_flag=True, help="Discard what --run-dir holds and start again.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace existing outputs (in a GeoPackage only geomask's layer, export.layer; other layers are kept).",
+)
 @click.option("--format", "fmt", default="gpkg", show_default=True, help="File format of per-input outputs when -o is a folder.")
 @click.option("--progress-every", type=float, default=10.0, show_default=True, help="Seconds between progress lines.")
 def predict(
@@ -63,6 +68,7 @@ def predict(
     gpu: bool | None,
     run_dir: str | None,
     fresh: bool,
+    overwrite: bool,
     fmt: str,
     progress_every: float,
 ) -> None:
@@ -85,7 +91,13 @@ def predict(
         cfg = merge_overrides(cfg, {"tiling.overlap_px": overlap, "tiling.overlap_m": None})
     cfg = _with_detector_options(cfg, weights, device)
     paths = expand_inputs(inputs)
-    layout = plan_outputs(output, paths, fmt)
+    # Outputs are checked before anything runs; those a resumed --run-dir wrote itself may be replaced.
+    owned: frozenset[Path] = frozenset()
+    if run_dir and not serial:
+        from workflows.store import recorded_outputs  # imports Dask: not for --serial
+
+        owned = recorded_outputs(Path(run_dir))
+    layout = plan_outputs(output, paths, fmt, cfg.export.layer, overwrite, owned)
     if serial:
         if scheduler or workers or run_dir or fresh:
             raise click.UsageError("--serial runs in this process; drop --scheduler/--workers/--run-dir/--fresh")
@@ -93,7 +105,7 @@ def predict(
             raise click.UsageError("several inputs into one file need the Dask workflow; drop --serial or give a folder (-o out/)")
         targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
         for src, out in targets.items():
-            summary = run_serial(src, out, cfg)
+            summary = run_serial(src, out, cfg, overwrite=layout.may_replace(out))
             click.echo(f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s -> {summary.output}")
         return
     _run_dask(cfg, paths, layout, run_dir, fresh, progress_every)
