@@ -96,13 +96,8 @@ def plan_outputs(
             re-running the same command replaces them, as it redoes the failed work.
     """
     resolved = frozenset(p.resolve() for p in owned)
-
-    def check(path: Path) -> None:
-        check_writable(path, layer, overwrite or path.resolve() in resolved)
-
     if not is_folder_output(output):
-        check(Path(output))
-        return OutputLayout(None, Path(output), overwrite, resolved)
+        return _checked(OutputLayout(None, Path(output), overwrite, resolved), layer)
     suffix = "." + fmt.lower().lstrip(".")
     if suffix not in DRIVERS:
         raise ExportError(f"unknown output format {fmt!r}; use one of {sorted(s.lstrip('.') for s in DRIVERS)}")
@@ -119,5 +114,10 @@ def plan_outputs(
             raise ExportError(f"inputs {by_name[name]} and {src} would both write {folder / name}; rename one or run them separately")
         by_name[name] = src
         per_input[src] = folder / name
-        check(per_input[src])
-    return OutputLayout(per_input, None, overwrite, resolved)
+    return _checked(OutputLayout(per_input, None, overwrite, resolved), layer)
+
+
+def _checked(layout: OutputLayout, layer: str) -> OutputLayout:
+    for path in layout.paths:
+        check_writable(path, layer, layout.may_replace(path))
+    return layout

@@ -12,7 +12,7 @@ from typing import Any
 import click
 import yaml
 
-from geomask.errors import ConfigError, first_line
+from geomask.errors import ConfigError, ExportError, first_line
 
 log = logging.getLogger("geomask")
 
@@ -61,7 +61,7 @@ def _check_output(output: Path, replace: bool) -> None:
     beside = [output.with_name(output.name + ext) for ext in (".last.pt", ".log.jsonl")]
     check_file_writable(output, replace, beside)
     if not replace and beside[0].exists():
-        raise ConfigError(f"{beside[0]} exists (an earlier run); add --resume to continue it or --overwrite to start again")
+        raise ExportError(f"{beside[0]} exists (an earlier run); add --resume to continue it or --overwrite to start again")
 
 
 @click.command()
