@@ -93,7 +93,7 @@ def _run(image: Path, cfg: object, out: Path, repeat: int = 1) -> tuple[float, o
         best = float("inf")
         for _ in range(repeat):
             t0 = time.perf_counter()
-            summary = run_job(client, [image], plan_outputs(str(out), [image]), cfg, progress_every_s=30.0)
+            summary = run_job(client, [image], plan_outputs(str(out), [image], overwrite=True), cfg, progress_every_s=30.0)
             best = min(best, time.perf_counter() - t0)
         peaks: dict[str, int] = client.run(_vm_hwm)
     return best, summary, peaks
@@ -146,7 +146,7 @@ def scaling(work_dir: Path, side: int, work: int, repeat: int) -> list[str]:
     rows, times = [], {}
     serial_cfg = _config(labels, "dask_scaling:burn_detector", 256, 32, 4, 1, work=work)
     t0 = time.perf_counter()
-    serial = run_serial(image, work_dir / "scaling_serial.gpkg", serial_cfg)  # type: ignore[arg-type]
+    serial = run_serial(image, work_dir / "scaling_serial.gpkg", serial_cfg, overwrite=True)  # type: ignore[arg-type]
     serial_s = time.perf_counter() - t0
     rows.append(f"| serial (no Dask) | {serial.n_tiles} | {serial.n_features} | {serial_s:.1f} | {serial.n_tiles / serial_s:.2f} |")
     print(rows[-1], flush=True)

@@ -40,6 +40,7 @@ def run_one(side: int, tile: int, overlap: int, work: Path) -> dict[str, float]:
         "-c",
         str(cfg),
         "--serial",
+        "--overwrite",
         "--tile-size",
         str(tile),
         "--overlap",

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from geomask.errors import ConfigError
+from geomask.errors import ConfigError, first_line
 
 DEFAULT_DETECTOR = "geomask.detect.maskrcnn:build"
 
@@ -142,7 +142,7 @@ def load_config(path: str | Path | None = None) -> Config:
     except OSError as err:
         raise ConfigError(f"cannot read config {p}: {err.strerror}; check the path") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p} is not valid YAML ({str(err).splitlines()[0]}); fix the syntax") from None
+        raise ConfigError(f"{p} is not valid YAML ({first_line(err)}); fix the syntax") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

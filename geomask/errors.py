@@ -38,3 +38,23 @@ class ExportError(GeomaskError, OSError):
 
 class LabelError(GeomaskError, ValueError):
     """Training or evaluation labels cannot be read or used."""
+
+
+def first_line(err: BaseException, max_chars: int | None = None, with_type: bool = False) -> str:
+    """Return the first line of ``err``'s message (its type name when it has none), for one-line messages.
+
+    Errors from GDAL, pyproj, pyarrow or torch span several lines or carry a traceback; a user is shown
+    one line naming the cause.
+
+    Args:
+        err: Any exception.
+        max_chars: Cut the line to this many characters (some libraries put a whole file path list in it).
+        with_type: Prefix the type name (``KeyError: 128``), for errors from code the user did not write.
+    """
+    text = str(err).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if max_chars is not None:
+        line = line[:max_chars]
+    if not line:
+        return type(err).__name__
+    return f"{type(err).__name__}: {line}" if with_type else line

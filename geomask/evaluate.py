@@ -40,7 +40,7 @@ import shapely.affinity
 from affine import Affine
 from shapely import STRtree
 
-from geomask.errors import LabelError
+from geomask.errors import LabelError, first_line
 from geomask.tiling import Tile
 
 log = logging.getLogger(__name__)
@@ -606,8 +606,9 @@ def read_layer(path: str | Path, layer: str | None = None) -> gpd.GeoDataFrame:
         parquet = p.suffix.lower() in (".parquet", ".geoparquet")
         frame = gpd.read_parquet(p) if parquet else gpd.read_file(p, layer=layer, engine="pyogrio")
     except Exception as err:  # noqa: BLE001 - any reader failure is one line naming the file
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise LabelError(f"cannot read {p}{f' layer {layer!r}' if layer else ''}: {first}; give a polygon layer OGR can open") from None
+        raise LabelError(
+            f"cannot read {p}{f' layer {layer!r}' if layer else ''}: {first_line(err)}; give a polygon layer OGR can open"
+        ) from None
     if not isinstance(frame, gpd.GeoDataFrame) or frame.geometry.name not in frame:
         raise LabelError(f"{p} has no geometry column; give a polygon layer")
     return frame

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from geomask.detect.base import Detector, TileImage
-from geomask.errors import DetectorError, GeomaskError
+from geomask.errors import DetectorError, GeomaskError, first_line
 from geomask.instances import Instance, from_mask
 from geomask.raster import RasterReader
 from geomask.tiling import Tile
@@ -119,7 +119,7 @@ def read_batches(reader: RasterReader, tiles: Sequence[Tile], batch_size: int) -
         try:
             pixels, valid = reader.read(tile.read)
         except GeomaskError as err:
-            batch.failures.append(TileFailure(tile.index, "read", str(err)))
+            batch.failures.append(TileFailure(tile.index, "read", first_line(err)))
             continue
         if not valid.any():
             batch.skipped += 1
@@ -178,7 +178,7 @@ def detect_batch(
         return [clean_instances(image, found) for image, found in zip(images, results, strict=True)]
     except GeomaskError as err:
         if len(images) == 1:
-            failures.append(TileFailure(images[0].tile.index, "detect", str(err)))
+            failures.append(TileFailure(images[0].tile.index, "detect", first_line(err)))
             return []
         return [insts for image in images for insts in detect_batch(detector, [image], failures, lock)]
 

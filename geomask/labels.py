@@ -33,7 +33,7 @@ from pyproj import CRS
 from rasterio.features import rasterize
 from shapely.geometry.base import BaseGeometry
 
-from geomask.errors import LabelError
+from geomask.errors import LabelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def read_labels(
             frame = gpd.read_file(path, engine="pyogrio")
         except Exception as err:  # noqa: BLE001 - any driver error is a bad label file
             raise LabelError(
-                f"cannot read labels {path} ({str(err).splitlines()[0][:160]}); give a vector file GDAL/OGR can open"
+                f"cannot read labels {path} ({first_line(err, max_chars=160)}); give a vector file GDAL/OGR can open"
             ) from None
         if frame.empty:
             log.warning("%s holds no features", path)

@@ -13,10 +13,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geomask.config import Config, dump_config, merge_overrides
+from geomask.config import Config, merge_overrides
 from geomask.detect.base import Detector, ModelHints, load_detector
 from geomask.errors import DetectorError
-from geomask.export import check_writable, to_frame, write_frame, write_text_atomic
+from geomask.export import check_writable, to_frame, write_output
 from geomask.inference import TileFailure, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_across_tiles
@@ -179,35 +179,20 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def config_sidecar(output: str | Path) -> Path:
-    """Return where the resolved config of an output is written (beside it)."""
-    out = Path(output)
-    return out.with_name(out.name + ".config.yaml")
+def run_serial(
+    path: str | Path, output: str | Path, config: Config, detector: Detector | None = None, overwrite: bool = False
+) -> RunSummary:
+    """Predict one raster to one output file in this process (no Dask).
 
-
-def write_output(
-    plan: RasterPlan,
-    feats: Sequence[Feature],
-    detector: Detector,
-    output: str | Path,
-    run_id: str,
-    source: str | None = None,
-) -> Path:
-    """Write features and the resolved config beside them (both atomically)."""
-    cfg = plan.config
-    frame = to_frame(feats, detector.classes, plan.info.crs, source or Path(plan.info.path).name, detector.name, run_id)
-    out = write_frame(frame, output, cfg.export.layer, cfg.export.geojson_crs)
-    write_text_atomic(config_sidecar(out), dump_config(cfg))
-    return out
-
-
-def run_serial(path: str | Path, output: str | Path, config: Config, detector: Detector | None = None) -> RunSummary:
-    """Predict one raster to one output file in this process (no Dask)."""
-    check_writable(output)
+    ``overwrite`` replaces an existing output (in a GeoPackage: geomask's layer); without it an
+    existing one stops the run before the model is loaded (:func:`geomask.export.check_writable`).
+    """
+    check_writable(output, config.export.layer, overwrite)
     inspect_raster(path)  # fail on bad input before the (slow) model load
     det = detector if detector is not None else build_detector(config)
     plan, feats, summary = predict_raster(path, config, det)
     summary.run_id = new_run_id()
-    summary.output = write_output(plan, feats, det, output, summary.run_id)
+    frame = to_frame(feats, det.classes, plan.info.crs, Path(plan.info.path).name, det.name, summary.run_id)
+    summary.output = write_output(frame, output, plan.config, overwrite)
     log.info("%s: %d objects from %d tiles in %.1f s", path, summary.n_features, summary.n_tiles, summary.seconds)
     return summary

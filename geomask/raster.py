@@ -24,7 +24,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from geomask.errors import RasterContentError, RasterReadError
+from geomask.errors import RasterContentError, RasterReadError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def inspect_raster(path: str | Path) -> RasterInfo:
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             src = rasterio.open(p)
     except RasterioIOError as err:
-        raise RasterReadError(f"{p} is not a readable raster ({_first_line(err)}); give a GeoTIFF or another GDAL raster") from None
+        raise RasterReadError(f"{p} is not a readable raster ({first_line(err)}); give a GeoTIFF or another GDAL raster") from None
     with src:
         if src.crs is None:
             raise RasterContentError(
@@ -155,17 +155,13 @@ def inspect_raster(path: str | Path) -> RasterInfo:
         )
 
 
-def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def _probe_blocks(src: rasterio.DatasetReader, path: str) -> None:
     """Read the first and last pixel blocks so a truncated file fails now, before any work is done."""
     try:
         for row, col in ((0, 0), (src.height - 1, src.width - 1)):
             src.read(1, window=Window(col, row, 1, 1))
     except RasterioError as err:
-        raise RasterReadError(f"{path} is corrupt or truncated ({_first_line(err)}); re-export or re-download it") from None
+        raise RasterReadError(f"{path} is corrupt or truncated ({first_line(err)}); re-export or re-download it") from None
 
 
 def working_grid(info: RasterInfo, gsd_m: float | None) -> Grid:
@@ -229,7 +225,7 @@ class RasterReader:
                 raw = self._src.read(self.bands, window=src_window)
                 mask = self._src.dataset_mask(window=src_window)
         except RasterioError as err:
-            raise RasterReadError(f"{self.info.path}: cannot read window {window} ({_first_line(err)}); the file may be corrupt") from None
+            raise RasterReadError(f"{self.info.path}: cannot read window {window} ({first_line(err)}); the file may be corrupt") from None
         valid = mask > 0
         if np.issubdtype(raw.dtype, np.floating):
             valid &= np.isfinite(raw).all(axis=0)

@@ -224,3 +224,76 @@ def test_band_selection_the_model_cannot_take_is_one_line(tmp_path: Path, capsys
     assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
     assert "takes 3-band tiles but raster.bands selects [1, 2]" in errors[0] and "the raster has only 2 band(s)" in errors[0]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def _crashing_config(tmp_path: Path) -> Path:
+    """A config whose detector crashes on its first tile: a run that reaches any tile fails with a traceback."""
+    cfg = tmp_path / "crash.yaml"
+    cfg.write_text(
+        yaml.safe_dump({"detector": {"factory": "geomask.testing:truth_detector", "options": {"labels": str(tmp_path / "gone.tif")}}})
+    )
+    return cfg
+
+
+@pytest.mark.parametrize("mode", [["--workers", "1"], ["--serial"]], ids=["dask", "serial"])
+def test_an_existing_output_is_refused_before_any_tile_without_overwrite(
+    tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str], mode: list[str]
+) -> None:
+    old = tmp_path / "old.geojson"
+    old.write_text('{"type": "FeatureCollection", "features": []}\n')
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(old), "-c", str(_crashing_config(tmp_path)), *mode], capsys)
+    assert_clean_failure(code, err, f"output {old} exists; add --overwrite to replace it", tmp_path)
+    assert old.read_text() == '{"type": "FeatureCollection", "features": []}\n'
+    assert not (tmp_path / "old.geojson.config.yaml").exists()
+
+
+def test_overwrite_replaces_an_existing_output(tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    import pyogrio
+
+    old = tmp_path / "old.geojson"
+    old.write_text('{"type": "FeatureCollection", "features": []}\n')
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(old), "-c", str(scene[1]), "--serial", "--overwrite"], capsys)
+    assert code == 0, err
+    assert len(pyogrio.read_dataframe(old)) == 1 and (tmp_path / "old.geojson.config.yaml").is_file()
+
+
+def test_a_read_only_output_is_refused_even_with_overwrite(
+    tmp_path: Path, scene: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = tmp_path / "old.gpkg"
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(old), "-c", str(scene[1]), "--serial"], capsys)
+    assert code == 0, err
+    old.chmod(0o444)
+    before = old.read_bytes()
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(old), "-c", str(scene[1]), "--serial", "--overwrite"], capsys)
+    assert_clean_failure(code, err, f"output {old} is read-only; make it writable", tmp_path)
+    assert old.read_bytes() == before and oct(old.stat().st_mode & 0o777) == "0o444"
+
+
+def _evaluation_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    truth = tmp_path / "truth.geojson"
+    gpd.GeoDataFrame(geometry=[box(500000, 4999990, 500010, 5000000)], crs=32633).to_file(truth)
+    return truth, truth
+
+
+def test_evaluate_json_is_not_overwritten_without_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pred, truth = _evaluation_inputs(tmp_path)
+    scores = tmp_path / "scores.json"
+    scores.write_text("{}\n")
+    code, err = run_cli(["evaluate", str(pred), str(truth), "--json", str(scores)], capsys)
+    assert code == 2 and err.strip() == f"geomask: error: output {scores} exists; add --overwrite to replace it, or choose another output"
+    assert scores.read_text() == "{}\n"
+    code, err = run_cli(["evaluate", str(pred), str(truth), "--json", str(scores), "--overwrite"], capsys)
+    assert code == 0, err
+    assert '"f1": 1.0' in scores.read_text()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, a folder nobody (not even root) can create files in")
+def test_evaluate_json_into_an_unwritable_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pred, truth = _evaluation_inputs(tmp_path)
+    code, err = run_cli(["evaluate", str(pred), str(truth), "--json", "/proc/self/scores.json"], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip() == "geomask: error: output folder /proc/self is not writable; choose another output path"

@@ -14,11 +14,11 @@ import pytest
 from distributed import Client, LocalCluster
 
 from geomask.config import load_config, merge_overrides
-from geomask.errors import ConfigError
+from geomask.errors import ConfigError, ExportError
 from tests.test_dask_support import SLOW, make_inputs, polygons, serial_polygons, write_config
 from workflows.inputs import plan_outputs
 from workflows.job import JobSummary, run_job
-from workflows.store import open_run_dir
+from workflows.store import open_run_dir, recorded_outputs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,8 +51,10 @@ def _run(client: Client, image: Path, config: Path, out: Path, run_dir: Path | N
     cfg = load_config(config)
     if overrides:
         cfg = merge_overrides(cfg, overrides)
+    # Re-running with the same run folder replaces the outputs it wrote (as the CLI does), nothing else.
+    owned = recorded_outputs(run_dir) if run_dir else frozenset()
     store = open_run_dir(run_dir, [image], cfg) if run_dir else None
-    return run_job(client, [image], plan_outputs(str(out), [image]), cfg, store, progress_every_s=1.0)
+    return run_job(client, [image], plan_outputs(str(out), [image], owned=owned), cfg, store, progress_every_s=1.0)
 
 
 def test_one_and_two_workers_equal_serial(
@@ -167,7 +169,10 @@ def test_resume_refuses_a_changed_config_or_model(client: Client, scenes: list[t
     with pytest.raises(ConfigError, match=r"another model .*use a new --run-dir or add --fresh"):
         _run(client, image, config, tmp_path / "o.gpkg", run_dir, **{"detector.options": {"labels": str(other_labels)}})
     cfg = merge_overrides(load_config(config), {"merge.ios_threshold": 0.3})
-    fresh = run_job(client, [image], plan_outputs(str(tmp_path / "o.gpkg"), [image]), cfg, open_run_dir(run_dir, [image], cfg, fresh=True))
+    with pytest.raises(ExportError, match=r"o.gpkg already holds layer 'instances'; add --overwrite"):
+        plan_outputs(str(tmp_path / "o.gpkg"), [image])  # not from this run folder's point of view: it is the user's
+    layout = plan_outputs(str(tmp_path / "o.gpkg"), [image], owned=recorded_outputs(run_dir))  # --fresh keeps what the folder wrote
+    fresh = run_job(client, [image], layout, cfg, open_run_dir(run_dir, [image], cfg, fresh=True))
     assert fresh.tasks_computed == 16
 
 

@@ -269,7 +269,7 @@ def test_tiles_from_are_planned_on_the_working_grid(tmp_path: Path) -> None:
 
 def _sidecar(pred: Path, **overrides: object) -> None:
     from geomask.config import Config, dump_config, merge_overrides
-    from geomask.pipeline import config_sidecar
+    from geomask.export import config_sidecar
 
     config_sidecar(pred).write_text(dump_config(merge_overrides(Config(), overrides)))
 

@@ -282,6 +282,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "0.05",
             "--inference-defaults",
             str(defaults),
+            "--overwrite",  # onto the first run's checkpoint
         ]
     )
     assert capsys.readouterr().out.count("2 iterations") == 2
@@ -291,6 +292,11 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "--ema 0.9 --keep last" in ckpt.meta.training["command"] and json.loads(ckpt.meta.training["settings"])["ema_decay"] == 0.9
     assert ckpt.meta.inference == {"score_threshold": 0.6, "tta": 4, "shape": "regularized"}
     assert json.loads(ckpt.meta.training["settings"])["copy_paste"] == 0.5 and "--copy-paste 0.5" in ckpt.meta.training["command"]
+    trained = out.read_bytes()
+    with pytest.raises(SystemExit) as exc:  # onto a model without --overwrite (or --resume): refused before training starts
+        main([*args, "--iterations", "2"])
+    assert exc.value.code == 2 and f"output {out} exists; add --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == trained
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  bogus: 1\n")
     with pytest.raises(SystemExit) as exc:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from geomask.errors import ExportError, RasterReadError
@@ -59,6 +59,12 @@ class OutputLayout:
 
     per_input: dict[Path, Path] | None
     combined: Path | None
+    overwrite: bool = False  # existing outputs (in a GeoPackage: geomask's layer) may be replaced
+    owned: frozenset[Path] = field(default_factory=frozenset)  # outputs this run folder wrote: replaced when the run is resumed
+
+    def may_replace(self, output: Path) -> bool:
+        """Return whether ``output`` may be replaced: ``--overwrite``, or the resumed run wrote it itself."""
+        return self.overwrite or output.resolve() in self.owned
 
     @property
     def paths(self) -> list[Path]:
@@ -70,17 +76,28 @@ def is_folder_output(output: str) -> bool:
     return output.endswith(("/", os.sep)) or Path(output).is_dir()
 
 
-def plan_outputs(output: str, inputs: Sequence[Path], fmt: str = "gpkg") -> OutputLayout:
+def plan_outputs(
+    output: str,
+    inputs: Sequence[Path],
+    fmt: str = "gpkg",
+    layer: str = "instances",
+    overwrite: bool = False,
+    owned: Collection[Path] = (),
+) -> OutputLayout:
     """Decide output paths and check them before any work is done.
 
     Args:
         output: The ``-o`` value: a folder (exists, or ends with ``/``) or a file.
         inputs: The expanded inputs.
         fmt: Extension of the per-input files in folder mode (``gpkg``, ``geojson``, ``parquet``...).
+        layer: geomask's layer in a GeoPackage (``export.layer``).
+        overwrite: Replace existing outputs (``--overwrite``); without it an existing one stops the job here.
+        owned: Outputs that the run folder being resumed wrote itself (:attr:`workflows.store.RunStore.outputs`):
+            re-running the same command replaces them, as it redoes the failed work.
     """
+    resolved = frozenset(p.resolve() for p in owned)
     if not is_folder_output(output):
-        check_writable(output)
-        return OutputLayout(None, Path(output))
+        return _checked(OutputLayout(None, Path(output), overwrite, resolved), layer)
     suffix = "." + fmt.lower().lstrip(".")
     if suffix not in DRIVERS:
         raise ExportError(f"unknown output format {fmt!r}; use one of {sorted(s.lstrip('.') for s in DRIVERS)}")
@@ -97,5 +114,10 @@ def plan_outputs(output: str, inputs: Sequence[Path], fmt: str = "gpkg") -> Outp
             raise ExportError(f"inputs {by_name[name]} and {src} would both write {folder / name}; rename one or run them separately")
         by_name[name] = src
         per_input[src] = folder / name
-        check_writable(per_input[src])
-    return OutputLayout(per_input, None)
+    return _checked(OutputLayout(per_input, None, overwrite, resolved), layer)
+
+
+def _checked(layout: OutputLayout, layer: str) -> OutputLayout:
+    for path in layout.paths:
+        check_writable(path, layer, layout.may_replace(path))
+    return layout

@@ -24,10 +24,10 @@ from typing import Any, cast
 import pandas as pd
 from distributed import Client, Future, as_completed
 
-from geomask.config import Config, dump_config
-from geomask.errors import DetectorError, ExportError, GeomaskError
-from geomask.export import to_frame, write_frame, write_text_atomic
-from geomask.pipeline import RasterPlan, check_channels, config_sidecar, new_run_id, resolve_config
+from geomask.config import Config
+from geomask.errors import DetectorError, ExportError, GeomaskError, first_line
+from geomask.export import to_frame, write_output
+from geomask.pipeline import RasterPlan, check_channels, new_run_id, resolve_config
 from geomask.vectorize import Feature, sort_features
 from workflows.blocks import Block, BlockTree
 from workflows.inputs import OutputLayout
@@ -127,11 +127,6 @@ class _Input:
     @property
     def n_blocks(self) -> int:
         return sum(len(level) for level in self.tree.levels)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 class _Job:
@@ -265,7 +260,7 @@ class _Job:
             self._finish_input(inp)
 
     def _failed(self, inp: _Input, block: Block, err: BaseException) -> BlockResult:
-        reason = _one_line(err)
+        reason = first_line(err, with_type=True)
         log.warning("%s %s failed after %d retries: %s", inp.path, block.key, self.retries, reason)
         if block.level == 0:
             tiles = inp.tree.tile_indexes(block)
@@ -286,8 +281,9 @@ class _Job:
             self.frames.append((frame, inp.plan.config))
 
     def _write(self, frame: Any, out: Path, config: Config) -> None:
-        written = write_frame(frame, out, config.export.layer, config.export.geojson_crs)
-        write_text_atomic(config_sidecar(written), dump_config(config))
+        written = write_output(frame, out, config, self.layout.may_replace(out))
+        if self.store is not None:  # a re-run of the same command may replace it (it redoes failed tiles)
+            self.store.record_output(written)
         self.summary.outputs.append(written)
 
     # -- the loop ---------------------------------------------------------------------------------

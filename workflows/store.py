@@ -6,6 +6,7 @@ Layout::
     RUN_DIR/results/<input>/<block>.npz        one per finished task (features as WKB, open instances bit-packed)
     RUN_DIR/failures.jsonl                     the failure ledger of the last run (one JSON object per line)
     RUN_DIR/summary.json                       counts of the last run (tasks computed and loaded, tiles, objects)
+    RUN_DIR/outputs.json                       the output files this run folder's jobs wrote (re-running replaces them)
 
 Every file is written to a temporary name and renamed into place, so a job killed at any moment leaves
 either a whole result or none. A result is only written when it and everything below it in the merge
@@ -20,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ import numpy.typing as npt
 import shapely
 from shapely.geometry import MultiPolygon
 
+from geomask.atomic import write_bytes_atomic
 from geomask.config import DEFAULT_DETECTOR, Config
 from geomask.detect.base import bundled_model_path
 from geomask.errors import ConfigError, GeomaskError
@@ -39,6 +40,7 @@ from geomask.vectorize import Feature
 from workflows.tasks import BlockResult, Failure
 
 FORMAT_VERSION = 1
+OUTPUTS = "outputs.json"
 log = logging.getLogger(__name__)
 
 
@@ -87,19 +89,6 @@ def describe_inputs(paths: Sequence[Path]) -> list[dict[str, Any]]:
         st = p.stat()
         out.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _pack_features(feats: Sequence[Feature]) -> dict[str, npt.NDArray[Any]]:
@@ -172,6 +161,20 @@ class Manifest:
         return json.dumps({"format": FORMAT_VERSION, **asdict(self)}, indent=2)
 
 
+def recorded_outputs(run_dir: Path) -> frozenset[Path]:
+    """Return the outputs the jobs of ``run_dir`` wrote (absolute paths; empty for a new folder).
+
+    Read before the folder is opened, so that the outputs are checked before anything is written. They
+    survive ``--fresh``: starting the run again replaces what it wrote before.
+    """
+    try:
+        return frozenset(Path(p) for p in json.loads((run_dir / OUTPUTS).read_text()))
+    except (FileNotFoundError, NotADirectoryError):
+        return frozenset()
+    except (OSError, ValueError, TypeError) as err:
+        raise RunDirError(f"cannot read {run_dir / OUTPUTS} ({err}); use a new --run-dir") from None
+
+
 class RunStore:
     """Persisted task results of one run folder.
 
@@ -195,12 +198,18 @@ class RunStore:
             if stored_path.exists():
                 self._check(stored_path, manifest)
             else:
-                _write_atomic(stored_path, manifest.to_json().encode())
+                write_bytes_atomic(stored_path, manifest.to_json().encode())
             (root / "results").mkdir(exist_ok=True)
         except OSError as err:
             raise RunDirError(f"cannot write to run dir {root} ({err.strerror or err}); choose another --run-dir") from None
         for tmp in (root / "results").glob("*/.*.tmp"):  # left by a job killed mid-write
-            tmp.unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.outputs = recorded_outputs(root)
+
+    def record_output(self, path: Path) -> None:
+        """Remember that this run folder's job wrote ``path``, so that re-running the same command may replace it."""
+        self.outputs = self.outputs | {path.resolve()}
+        self.write_json(OUTPUTS, sorted(str(p) for p in self.outputs))
 
     def _check(self, stored_path: Path, manifest: Manifest) -> None:
         try:
@@ -241,20 +250,20 @@ class RunStore:
         path = self._path(input_id, block_key)
         try:
             path.parent.mkdir(exist_ok=True)
-            _write_atomic(path, encode_result(result))
+            write_bytes_atomic(path, encode_result(result))
         except OSError as err:
             raise RunDirError(f"cannot write {path} ({err.strerror or err}); free some space or choose another --run-dir") from None
 
     def write_json(self, name: str, data: object) -> Path:
         """Write a small JSON file (the last run's summary) into the run folder atomically."""
         path = self.root / name
-        _write_atomic(path, json.dumps(data, indent=2).encode())
+        write_bytes_atomic(path, json.dumps(data, indent=2).encode())
         return path
 
     def write_failures(self, failures: Iterable[Failure]) -> Path:
         """Write the failure ledger of this run (``failures.jsonl``, empty when nothing failed)."""
         path = self.root / "failures.jsonl"
-        _write_atomic(path, "".join(json.dumps(asdict(f)) + "\n" for f in failures).encode())
+        write_bytes_atomic(path, "".join(json.dumps(asdict(f)) + "\n" for f in failures).encode())
         return path
 
 

@@ -25,7 +25,7 @@ from rasterio.windows import Window
 
 from geomask.config import Config
 from geomask.detect.base import Detector, ModelHints, load_detector
-from geomask.errors import DetectorError, GeomaskError
+from geomask.errors import DetectorError, GeomaskError, first_line
 from geomask.inference import release_freed_memory, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_block, split_private
@@ -146,7 +146,7 @@ class DetectorPlugin(WorkerPlugin):
         try:
             self.detector = load_detector(self.factory, self.options)
         except Exception as err:  # noqa: BLE001 - handed to the driver by describe_detector: one line, no worker traceback
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            first = first_line(err)
             self.error = first if isinstance(err, GeomaskError) else f"detector factory {self.factory} failed on a worker: {first}"
             return
         log.info("worker %s: detector %s ready", getattr(worker, "address", "?"), self.detector.name)

@@ -14,7 +14,7 @@ if [ -n "${CONFIG:-}" ]; then EXTRA=(-c "$CONFIG"); fi
 mkdir -p "$OUT"
 for tif in "$DATA/$AREA"/*.tif; do
   name=$(basename "$tif" .tif)
-  .venv/bin/geomask -q predict --serial "$tif" -o "$OUT/$name.gpkg" --weights "$MODEL" "${EXTRA[@]}"
+  .venv/bin/geomask -q predict --serial --overwrite "$tif" -o "$OUT/$name.gpkg" --weights "$MODEL" "${EXTRA[@]}"
 done
 # One layer per role for the whole area (the blocks do not overlap), so one evaluate call scores it all.
 .venv/bin/python - "$DATA/$AREA" "$OUT" <<'PY'
@@ -33,4 +33,4 @@ cat([out / f"{b}.gpkg" for b in blocks]).to_file(out / "pred.gpkg")
 cat([data / f"{b}_labels_within.geojson" for b in blocks]).to_file(out / "truth.gpkg")
 cat([data / f"{b}_labels_edge.geojson" for b in blocks]).to_file(out / "ignore.gpkg")
 PY
-.venv/bin/geomask evaluate "$OUT/pred.gpkg" "$OUT/truth.gpkg" --ignore "$OUT/ignore.gpkg" --iou 0.5 --json "$OUT/scores.json"
+.venv/bin/geomask evaluate "$OUT/pred.gpkg" "$OUT/truth.gpkg" --ignore "$OUT/ignore.gpkg" --iou 0.5 --json "$OUT/scores.json" --overwrite

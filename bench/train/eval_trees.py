@@ -61,7 +61,18 @@ def main() -> None:
     by_site: dict[str, tuple[list[gpd.GeoDataFrame], list[gpd.GeoDataFrame]]] = {}
     for plot in args.plots:
         out = args.out / f"{plot}.gpkg"
-        cmd = [str(exe), "-q", "predict", "--serial", str(args.data / "plots" / f"{plot}.tif"), "-o", str(out), "--weights", args.model]
+        cmd = [
+            str(exe),
+            "-q",
+            "predict",
+            "--serial",
+            str(args.data / "plots" / f"{plot}.tif"),
+            "-o",
+            str(out),
+            "--weights",
+            args.model,
+            "--overwrite",
+        ]
         if args.config:
             cmd += ["-c", args.config]
         if not (args.reuse and _made_with(out, options)):

@@ -16,7 +16,7 @@ def _predict_settings(pred: str | None) -> tuple[Path | None, float | None, int 
     if pred is None:
         return None, None, None, None
     from geomask.config import load_config
-    from geomask.pipeline import config_sidecar
+    from geomask.export import config_sidecar
 
     sidecar = config_sidecar(pred)
     if not sidecar.is_file():
@@ -118,6 +118,7 @@ def _tiles(
 )
 @click.option("--no-ap", is_flag=True, help="Skip COCO AP (faster on very large layers).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 def evaluate(
     pred: str,
     truth: str,
@@ -134,14 +135,18 @@ def evaluate(
     overlap: int | None,
     no_ap: bool,
     json_path: str | None,
+    overwrite: bool,
 ) -> None:
     """Score PRED polygons against TRUTH polygons: precision, recall, F1, AP, seams.
 
     Predictions are reprojected to the truth's CRS. Matching is one-to-one at IoU >= --iou.
     """
     from geomask.evaluate import check_iou, evaluate_frames, read_layer
+    from geomask.export import check_file_writable
 
     check_iou(iou_threshold)
+    if json_path:  # before the (possibly long) matching
+        check_file_writable(json_path, overwrite)
     result = evaluate_frames(
         read_layer(pred, pred_layer),
         read_layer(truth, truth_layer),
@@ -154,12 +159,7 @@ def evaluate(
     )
     click.echo(result.table())
     if json_path:
-        from geomask.export import write_text_atomic
+        from geomask.atomic import write_text_atomic
 
-        out = Path(json_path)
-        if not out.parent.is_dir():
-            from geomask.errors import ExportError
-
-            raise ExportError(f"folder {out.parent} for --json does not exist; create it first")
-        write_text_atomic(out, result.to_json() + "\n")
-        log.info("wrote %s", out)
+        write_text_atomic(json_path, result.to_json() + "\n")
+        log.info("wrote %s", json_path)

@@ -45,6 +45,11 @@ EXIT_FAILURES = 3
 @click.option("--gpu/--no-gpu", default=None, help="Run inference tasks on workers that offer resources GPU=1 (dask.gpu).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Folder that keeps finished tasks; re-run the same command to resume.")
 @click.option("--fresh", is_flag=True, help="Discard what --run-dir holds and start again.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace existing outputs (in a GeoPackage only geomask's layer, export.layer; other layers are kept).",
+)
 @click.option("--format", "fmt", default="gpkg", show_default=True, help="File format of per-input outputs when -o is a folder.")
 @click.option("--progress-every", type=float, default=10.0, show_default=True, help="Seconds between progress lines.")
 def predict(
@@ -64,6 +69,7 @@ def predict(
     gpu: bool | None,
     run_dir: str | None,
     fresh: bool,
+    overwrite: bool,
     fmt: str,
     progress_every: float,
 ) -> None:
@@ -86,7 +92,13 @@ def predict(
         cfg = merge_overrides(cfg, {"tiling.overlap_px": overlap, "tiling.overlap_m": None})
     cfg = _with_detector_options(cfg, weights, device)
     paths = expand_inputs(inputs)
-    layout = plan_outputs(output, paths, fmt)
+    # Outputs are checked before anything runs; those a resumed --run-dir wrote itself may be replaced.
+    owned: frozenset[Path] = frozenset()
+    if run_dir and not serial:
+        from workflows.store import recorded_outputs  # imports Dask: not for --serial
+
+        owned = recorded_outputs(Path(run_dir))
+    layout = plan_outputs(output, paths, fmt, cfg.export.layer, overwrite, owned)
     if serial:
         if scheduler or workers or run_dir or fresh:
             raise click.UsageError("--serial runs in this process; drop --scheduler/--workers/--run-dir/--fresh")
@@ -95,7 +107,7 @@ def predict(
         targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
         failed: list[tuple[Path, TileFailure]] = []
         for src, out in targets.items():
-            summary = run_serial(src, out, cfg)
+            summary = run_serial(src, out, cfg, overwrite=layout.may_replace(out))
             failed += [(src, f) for f in summary.failures]
             click.echo(
                 f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s, "

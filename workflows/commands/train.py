@@ -6,12 +6,13 @@ import dataclasses
 import importlib
 import logging
 import shlex
+from pathlib import Path
 from typing import Any
 
 import click
 import yaml
 
-from geomask.errors import ConfigError
+from geomask.errors import ConfigError, ExportError, first_line
 
 log = logging.getLogger("geomask")
 
@@ -28,7 +29,7 @@ def _load_yaml(path: str | None) -> dict[str, Any]:
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read training config {path} ({str(err).splitlines()[0]}); give a YAML file") from None
+        raise ConfigError(f"cannot read training config {path} ({first_line(err)}); give a YAML file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of training settings")
     return dict(data.get("train", data))
@@ -59,6 +60,19 @@ def _command_line(ctx: click.Context) -> str:
             for v in value if isinstance(value, tuple) else (value,):
                 words += [flag, str(v)]
     return shlex.join(words)
+
+
+def _check_output(output: Path, replace: bool) -> None:
+    """Fail before training starts if the checkpoints cannot be written, or would replace a model unasked.
+
+    ``--resume`` continues the files that are there, so it replaces them as ``--overwrite`` does.
+    """
+    from geomask.export import check_file_writable
+
+    beside = [output.with_name(output.name + ext) for ext in (".last.pt", ".log.jsonl")]
+    check_file_writable(output, replace, beside)
+    if not replace and beside[0].exists():
+        raise ExportError(f"{beside[0]} exists (an earlier run); add --resume to continue it or --overwrite to start again")
 
 
 @click.command()
@@ -102,6 +116,7 @@ def _command_line(ctx: click.Context) -> str:
     help="YAML/JSON mapping of inference defaults stored in the checkpoint (score_threshold, tta, min_area_m2, ...).",
 )
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.last.pt.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (and OUTPUT.last.pt, OUTPUT.log.jsonl) instead of refusing.")
 def train(
     images: tuple[str, ...],
     labels: tuple[str, ...],
@@ -112,6 +127,7 @@ def train(
     native_gsd: bool,
     epochs: int | None,
     resume: bool,
+    overwrite: bool,
     classes: str | None,
     inference_path: str | None,
     **options: Any,
@@ -140,6 +156,7 @@ def train(
         settings = settings_cls(**values)
     except TypeError as err:
         raise ConfigError(f"bad training settings: {err}") from None
+    _check_output(Path(output), resume or overwrite)
     result = mod["train"](
         list(images),
         list(labels),
