@@ -1,7 +1,8 @@
 """Writers with one schema for every format, chosen by file extension, written atomically.
 
 Every format gets the same fields (all names ≤ 10 characters so Shapefile keeps them):
-``class_id``, ``class``, ``score``, ``area_m2``, ``perim_m``, ``source``, ``model``, ``run_id``.
+``class_id``, ``class``, ``score``, ``area_m2``, ``perim_m``, ``shape``, ``source``, ``model``, ``run_id``
+(``shape`` says what the shape stage did to the outline: ``pixel``, ``orthogonal``, ``fallback``, ...).
 A file appears at its final path only once complete (temporary name, then rename), so a crash or a
 bad input never leaves a partial output behind.
 """
@@ -29,7 +30,7 @@ DRIVERS: dict[str, str] = {
     ".parquet": "Parquet",
     ".geoparquet": "Parquet",
 }
-FIELDS = ("class_id", "class", "score", "area_m2", "perim_m", "source", "model", "run_id")
+FIELDS = ("class_id", "class", "score", "area_m2", "perim_m", "shape", "source", "model", "run_id")
 # Shapefile is several files; all of them move into place together.
 SHAPEFILE_SIDECARS = (".shp", ".shx", ".dbf", ".prj", ".cpg")
 
@@ -74,6 +75,7 @@ def to_frame(
         "score": [round(f.score, 4) for f in feats],
         "area_m2": [round(f.area_m2, 3) for f in feats],
         "perim_m": [round(f.perim_m, 3) for f in feats],
+        "shape": [f.shape for f in feats],
         "source": [source] * len(feats),
         "model": [model] * len(feats),
         "run_id": [run_id] * len(feats),
