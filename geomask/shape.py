@@ -38,6 +38,7 @@ from pyproj import CRS
 from shapely import STRtree
 from shapely.geometry import LinearRing, MultiPolygon, Point, Polygon
 
+from geomask.polygon_metrics import polis
 from geomask.vectorize import AreaMeter, Feature, as_multipolygon
 
 ShapeMethod = Literal["pixel", "simplify", "orthogonal", "circle", "smooth"]
@@ -203,6 +204,18 @@ def _wall_runs(raw: FloatArray, kept: FloatArray, idx: list[int], diagonals: boo
     return runs
 
 
+def _remove_wall(runs: list[_Run], k: int) -> None:
+    """Remove wall ``k``, joining its neighbours into one wall when they are parallel."""
+    del runs[k]
+    prev, nxt = (k - 1) % len(runs), k % len(runs)
+    if prev != nxt and runs[prev].direction == runs[nxt].direction:
+        a, b = runs[prev], runs[nxt]
+        a.length += b.length
+        a.weight += b.weight
+        a.moment += b.moment
+        del runs[nxt]
+
+
 def _drop_short_walls(runs: list[_Run], min_length: float) -> list[_Run]:
     """Remove walls shorter than ``min_length`` (mask noise), joining the neighbours they separated."""
     runs = list(runs)
@@ -210,14 +223,7 @@ def _drop_short_walls(runs: list[_Run], min_length: float) -> list[_Run]:
         k = min(range(len(runs)), key=lambda i: runs[i].length)
         if runs[k].length >= min_length:
             break
-        del runs[k]
-        prev, nxt = (k - 1) % len(runs), k % len(runs)
-        if prev != nxt and runs[prev].direction == runs[nxt].direction:
-            a, b = runs[prev], runs[nxt]
-            a.length += b.length
-            a.weight += b.weight
-            a.moment += b.moment
-            del runs[nxt]
+        _remove_wall(runs, k)
     return runs
 
 
@@ -259,7 +265,16 @@ def orthogonalize(poly: Polygon, simplify_px: float = 1.0, diagonals: bool = Fal
         if idx is None or len(kept) < 3:
             return None
         runs = _wall_runs(_rotate(raw, -theta), _rotate(kept, -theta), idx, diagonals)
-        corners = _corners(_drop_short_walls(runs, _MIN_WALL * simplify_px), diagonals)
+        runs = _drop_short_walls(runs, _MIN_WALL * simplify_px)
+        corners = _corners(runs, diagonals)
+        # A wall can also come out short once fitted (two parallel walls at nearly one offset): drop it too.
+        while corners is not None and len(runs) > 4:
+            sides = np.hypot(*(np.roll(corners, -1, axis=0) - corners).T)
+            k = int(np.argmin(sides))
+            if sides[k] >= simplify_px:
+                break
+            _remove_wall(runs, k)
+            corners = _corners(runs, diagonals)
         if corners is None:
             return None
         rings.append(_rotate(corners, theta))
@@ -289,25 +304,31 @@ def smooth(poly: Polygon, simplify_px: float = 1.0) -> Polygon:
     return Polygon(rings[0], rings[1:])
 
 
-def _candidate(geom: MultiPolygon, rule: ShapeRule) -> MultiPolygon | None:
-    """The method's outline for one feature (working frame), before the gate."""
+def _candidate(geom: MultiPolygon, rule: ShapeRule) -> tuple[MultiPolygon | None, str]:
+    """The method's outline for one feature (working frame) before the gate, and its label.
+
+    ``orthogonal`` is labelled ``circle`` when every part of the feature became a circle.
+    """
     if rule.method == "simplify":
-        return as_multipolygon(shapely.simplify(geom, rule.simplify_px, preserve_topology=True))
+        return as_multipolygon(shapely.simplify(geom, rule.simplify_px, preserve_topology=True)), "simplify"
     parts: list[Polygon] = []
+    circles = 0
     for poly in geom.geoms:
         new: Polygon | None
         if rule.method == "orthogonal":
             new = orthogonalize(poly, _ORTHO_SIMPLIFY * rule.simplify_px, rule.diagonals)
             if rule.circles and not poly.interiors:
-                new = _closer(poly, new, fit_circle(poly), rule)
+                circle = fit_circle(poly)
+                new = _closer(poly, new, circle, rule)
+                circles += new is circle
         elif rule.method == "circle":
             new = fit_circle(poly)
         else:
             new = smooth(poly, rule.simplify_px)
         if new is None:
-            return None
+            return None, rule.method
         parts.append(new)
-    return MultiPolygon(parts)
+    return MultiPolygon(parts), "circle" if circles == len(parts) else rule.method
 
 
 def _closer(poly: Polygon, a: Polygon | None, b: Polygon, rule: ShapeRule) -> Polygon | None:
@@ -315,14 +336,7 @@ def _closer(poly: Polygon, a: Polygon | None, b: Polygon, rule: ShapeRule) -> Po
     fits = [p for p in (a, b) if p is not None and passes_gate(MultiPolygon([p]), MultiPolygon([poly]), rule)]
     if not fits:
         return a
-    return min(fits, key=lambda p: mean_boundary_distance(p, poly))
-
-
-def mean_boundary_distance(a: Polygon | MultiPolygon, b: Polygon | MultiPolygon) -> float:
-    """PoLiS between two outlines: mean distance of each one's vertices to the other's boundary, symmetrised."""
-    ba, bb = a.boundary, b.boundary
-    va, vb = shapely.points(shapely.get_coordinates(ba)), shapely.points(shapely.get_coordinates(bb))
-    return 0.5 * float(np.mean(shapely.distance(va, bb))) + 0.5 * float(np.mean(shapely.distance(vb, ba)))
+    return min(fits, key=lambda p: polis(p, poly))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,9 +381,9 @@ def shape_geometries(geoms: Sequence[MultiPolygon], rules: Sequence[ShapeRule]) 
     for i, (geom, rule) in enumerate(zip(geoms, rules, strict=True)):
         if rule.method == "pixel" or geom.is_empty:
             continue
-        cand = _candidate(geom, rule)
+        cand, label = _candidate(geom, rule)
         if cand is not None and passes_gate(cand, geom, rule) and not overlaps_new(i, cand):
-            out[i] = cand
+            out[i], labels[i] = cand, label
             continue
         labels[i] = FALLBACK
         simple = as_multipolygon(shapely.simplify(geom, rule.simplify_px, preserve_topology=True))
@@ -388,7 +402,7 @@ def working_frame(transform: Affine) -> Affine:
     col = math.hypot(transform.a, transform.d)
     row = math.hypot(transform.b, transform.e)
     unit = min(col, row)
-    return transform * Affine.scale(unit / col, unit / row)
+    return transform @ Affine.scale(unit / col, unit / row)
 
 
 def _affine_matrix(t: Affine) -> list[float]:
