@@ -19,7 +19,7 @@ Methods:
 The gate (as Esri's "Regularize Building Footprint" does it): the new outline must be valid, keep the
 number of parts and holes, stay within ``tolerance_px`` of the mask outline (Hausdorff distance of the
 boundaries), keep its area within ``max_area_change``, and overlap no neighbour that the mask did not
-overlap. Otherwise the simplified outline is kept, and failing that the exact trace; both are
+overlap (an outline that only overlaps neighbours is cut by them and checked again). Otherwise the simplified outline is kept, and failing that the exact trace; both are
 labelled ``fallback``.
 """
 
@@ -370,24 +370,41 @@ def shape_geometries(geoms: Sequence[MultiPolygon], rules: Sequence[ShapeRule]) 
     tree = STRtree(list(geoms))
     reach = 2.0 * max((r.tolerance_px for r in rules), default=0.0)
 
-    def overlaps_new(i: int, cand: MultiPolygon) -> bool:
+    def new_overlaps(i: int, cand: MultiPolygon) -> list[int]:
+        """Neighbours ``cand`` overlaps although mask ``i`` did not overlap them."""
+        hits = []
         for j in tree.query(cand, predicate="dwithin", distance=reach).tolist():
             if j == i or shapely.area(shapely.intersection(cand, out[j])) <= _AREA_EPS_PX2:
                 continue
             if shapely.area(shapely.intersection(geoms[i], geoms[j])) <= _AREA_EPS_PX2:
-                return True
-        return False
+                hits.append(j)
+        return hits
+
+    def accept(i: int, cand: MultiPolygon | None, rule: ShapeRule) -> MultiPolygon | None:
+        """``cand`` if it passes the gate; else, when it only overlaps neighbours, ``cand`` minus them if that passes.
+
+        Cutting the neighbours out is what keeps a row of houses regular: the first house's shared wall
+        becomes the second's, instead of the second falling back.
+        """
+        if cand is None or not passes_gate(cand, geoms[i], rule):
+            return None
+        hits = new_overlaps(i, cand)
+        if not hits:
+            return cand
+        cut = as_multipolygon(shapely.difference(cand, shapely.union_all([out[j] for j in hits])))
+        return cut if passes_gate(cut, geoms[i], rule) and not new_overlaps(i, cut) else None
 
     for i, (geom, rule) in enumerate(zip(geoms, rules, strict=True)):
         if rule.method == "pixel" or geom.is_empty:
             continue
         cand, label = _candidate(geom, rule)
-        if cand is not None and passes_gate(cand, geom, rule) and not overlaps_new(i, cand):
-            out[i], labels[i] = cand, label
+        got = accept(i, cand, rule)
+        if got is not None:
+            out[i], labels[i] = got, label
             continue
         labels[i] = FALLBACK
-        simple = as_multipolygon(shapely.simplify(geom, rule.simplify_px, preserve_topology=True))
-        if passes_gate(simple, geom, rule) and not overlaps_new(i, simple):
+        simple = accept(i, as_multipolygon(shapely.simplify(geom, rule.simplify_px, preserve_topology=True)), rule)
+        if simple is not None:
             out[i] = simple
     return out, labels
 

@@ -94,13 +94,15 @@ def test_round_tank_becomes_a_circle_and_smooth_has_no_stairs() -> None:
 
 
 def test_touching_neighbours_never_come_out_overlapping() -> None:
-    """Two squares 1 px apart: their area-keeping circles would overlap; the second falls back to its outline."""
+    """Two squares 1 px apart: their area-keeping circles would overlap; the second is cut by the first."""
     labels = np.zeros((12, 24), np.int32)
     labels[1:11, 1:11], labels[1:11, 12:22] = 1, 2
     geoms = [trace(labels == k) for k in (1, 2)]
     out, tags = shape_geometries(geoms, [ShapeRule("circle")] * 2)
-    assert tags == ["circle", "fallback"]
+    assert tags == ["circle", "circle"] and out[1].area < out[0].area
     assert shapely.area(shapely.intersection(out[0], out[1])) < 1e-9
+    out, tags = shape_geometries(geoms, [ShapeRule("circle", max_area_change=0.01)] * 2)  # the cut circle loses too much
+    assert tags == ["circle", "fallback"] and shapely.area(shapely.intersection(out[0], out[1])) < 1e-9
 
 
 def test_gate_rejects_a_shape_far_from_the_mask() -> None:
