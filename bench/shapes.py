@@ -249,14 +249,14 @@ def real(data: Path, pred: Path, areas: list[str]) -> list[str]:
                     )
                 )
             if br is not None:
-                geoms = gpd.GeoDataFrame(geometry=frame.geometry.to_numpy(), crs=info.crs)
+                geoms = gpd.GeoDataFrame({"score": frame["score"].to_numpy()}, geometry=frame.geometry.to_numpy(), crs=info.crs)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     res = __import__("buildingregulariser").regularize_geodataframe(
                         geoms, simplify_tolerance=grid.gsd_m, parallel_threshold=3 * grid.gsd_m, num_cores=1
                     )
                 per_method.setdefault("buildingregulariser 0.2.5", []).append(
-                    gpd.GeoDataFrame({"score": frame["score"].to_numpy(), "shape": "br"}, geometry=res.geometry.to_numpy(), crs=info.crs)
+                    gpd.GeoDataFrame({"score": res["score"].to_numpy(), "shape": "br"}, geometry=res.geometry.to_numpy(), crs=info.crs)
                 )
         truth = _cat([gpd.read_file(data / area / f"{t.stem}_labels_within.geojson") for t in blocks])
         ignore = _cat([gpd.read_file(data / area / f"{t.stem}_labels_edge.geojson") for t in blocks])
