@@ -85,9 +85,42 @@ class MergeConfig(_Model):
     ios_threshold: float = Field(0.5, gt=0.0, le=1.0)
 
 
+ShapeMethodName = Literal["pixel", "simplify", "orthogonal", "circle", "smooth"]
+
+
+class ShapeClassConfig(_Model):
+    """Per-class override of :class:`ShapeConfig`; a key left out (``None``) keeps the general setting."""
+
+    method: ShapeMethodName | None = None
+    tolerance_m: float | None = Field(None, gt=0.0)
+    simplify_m: float | None = Field(None, gt=0.0)
+    diagonals: bool | None = None
+    circles: bool | None = None
+    max_area_change: float | None = Field(None, gt=0.0, le=1.0)
+
+
+class ShapeConfig(_Model):
+    """The shape stage after the merge (``geomask.shape``): how outlines are regularised, and the gate.
+
+    ``pixel`` keeps the exact pixel-edge trace. A reshaped outline is kept only when it stays within
+    ``tolerance_m`` of the mask outline, changes the area by at most ``max_area_change`` and overlaps
+    no neighbour the mask did not overlap; otherwise the outline simplified by ``simplify_m`` is kept.
+    ``classes`` overrides any of these per class name (or class id as text).
+    """
+
+    method: ShapeMethodName = "pixel"
+    tolerance_m: float | None = Field(None, gt=0.0, description="gate distance; None = 3 working pixels")
+    simplify_m: float | None = Field(None, gt=0.0, description="Douglas-Peucker tolerance; None = 1 working pixel")
+    diagonals: bool = False
+    circles: bool = True
+    max_area_change: float = Field(0.2, gt=0.0, le=1.0)
+    classes: dict[str, ShapeClassConfig] = Field(default_factory=dict)
+
+
 class VectorizeConfig(_Model):
     simplify_tolerance_m: float = Field(0.0, ge=0.0)
     min_area_m2: float = Field(0.0, ge=0.0)
+    shape: ShapeConfig = ShapeConfig()
 
 
 class ExportConfig(_Model):

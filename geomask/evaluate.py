@@ -41,6 +41,7 @@ from affine import Affine
 from shapely import STRtree
 
 from geomask.errors import LabelError, first_line
+from geomask.polygon_metrics import ShapeScores, shape_scores
 from geomask.tiling import Tile
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ class Evaluation:
         seams: Scores per seam group (crossing a tile edge or not, then tiles spanned), empty without tiles.
         n_ignored_truth: Truth objects dropped by the ignore layer.
         n_ignored_pred: Predictions dropped by the ignore layer.
+        shape: Outline metrics (C-IoU, PoLiS, ...) of the matched pairs, ``None`` unless asked for.
     """
 
     iou_threshold: float
@@ -187,6 +189,7 @@ class Evaluation:
     seams: tuple[Scores, ...] = ()
     n_ignored_truth: int = 0
     n_ignored_pred: int = 0
+    shape: ShapeScores | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -197,6 +200,7 @@ class Evaluation:
             "seams": [s.to_dict() for s in self.seams],
             "n_ignored_truth": self.n_ignored_truth,
             "n_ignored_pred": self.n_ignored_pred,
+            "shape": self.shape.to_dict() if self.shape is not None else None,
         }
 
     def to_json(self) -> str:
@@ -209,6 +213,8 @@ class Evaluation:
         if self.n_ignored_truth or self.n_ignored_pred:
             head += f"; ignored {self.n_ignored_truth} truth, {self.n_ignored_pred} predicted"
         lines = [head, format_scores([self.overall, *self.per_class])]
+        if self.shape is not None:
+            lines += ["", self.shape.table()]
         if self.seams:
             lines += ["", "seams (truth objects by the tiles that see them)", format_scores(self.seams, ap=False)]
         return "\n".join(lines)
@@ -486,6 +492,7 @@ def evaluate(
     ignore: GeometryArray | None = None,
     tiles: GeometryArray | None = None,
     compute_ap: bool = True,
+    shape_metrics: bool = False,
 ) -> Evaluation:
     """Score predictions against truth (both already in one CRS).
 
@@ -498,6 +505,7 @@ def evaluate(
             inside them are dropped before matching.
         tiles: Read windows of the tiles the predictions came from, for seam statistics.
         compute_ap: Compute COCO AP (ten matchings); off where only F1 matters, e.g. in benchmarks.
+        shape_metrics: Score the outlines of the matched pairs (:mod:`geomask.polygon_metrics`).
 
     Returns:
         Overall, per-class and (with ``tiles``) per-seam-group scores.
@@ -550,7 +558,8 @@ def evaluate(
     seams: tuple[Scores, ...] = ()
     if tiles is not None:
         seams = _seam_scores(pred, truth, np.asarray(tiles, dtype=object), matches, all_pairs, pieces)
-    return Evaluation(iou_threshold, box, overall, class_rows, seams, n_ign_t, n_ign_p)
+    shape = shape_scores(list(pred.geometry[matches.pred]), list(truth.geometry[matches.truth])) if shape_metrics else None
+    return Evaluation(iou_threshold, box, overall, class_rows, seams, n_ign_t, n_ign_p, shape)
 
 
 def _seam_scores(
@@ -655,6 +664,7 @@ def evaluate_frames(
     class_field: str | None = None,
     score_field: str = "score",
     compute_ap: bool = True,
+    shape_metrics: bool = False,
 ) -> Evaluation:
     """Score prediction and truth layers in any CRS (predictions, ignore and tiles go to the truth's).
 
@@ -669,6 +679,7 @@ def evaluate_frames(
             when both layers have it, else scores class-agnostically.
         score_field: Column holding prediction confidence.
         compute_ap: Whether to compute COCO AP.
+        shape_metrics: Whether to score the matched pairs' outlines (C-IoU, PoLiS, angle, vertices).
     """
     pred = to_crs_of(pred, truth, "predictions")
     field = _class_field(pred, truth, class_field)
@@ -689,6 +700,7 @@ def evaluate_frames(
         ignore=ign,
         tiles=tile_geoms,
         compute_ap=compute_ap,
+        shape_metrics=shape_metrics,
     )
 
 

@@ -1,7 +1,8 @@
 """The one output writer: one schema for every format, the format chosen by extension, written atomically.
 
 Every format gets the same fields (all names ≤ 10 characters so Shapefile keeps them):
-``class_id``, ``class``, ``score``, ``area_m2``, ``perim_m``, ``source``, ``model``, ``run_id``.
+``class_id``, ``class``, ``score``, ``area_m2``, ``perim_m``, ``shape``, ``source``, ``model``, ``run_id``
+(``shape`` says what the shape stage did to the outline: ``pixel``, ``orthogonal``, ``fallback``, ...).
 What differs between formats is in one table, :data:`FORMATS`, instead of string ``if``\\ s.
 
 A file appears at its final path only once complete (written beside it under a temporary name, then
@@ -31,7 +32,7 @@ from geomask.config import Config, dump_config
 from geomask.errors import ExportError, first_line
 from geomask.vectorize import Feature
 
-FIELDS = ("class_id", "class", "score", "area_m2", "perim_m", "source", "model", "run_id")
+FIELDS = ("class_id", "class", "score", "area_m2", "perim_m", "shape", "source", "model", "run_id")
 PARQUET = "Parquet"  # written by pyarrow (geopandas), not by an OGR driver: Debian's GDAL has none
 
 
@@ -193,6 +194,7 @@ def to_frame(
         "score": [round(f.score, 4) for f in feats],
         "area_m2": [round(f.area_m2, 3) for f in feats],
         "perim_m": [round(f.perim_m, 3) for f in feats],
+        "shape": [f.shape for f in feats],
         "source": [source] * len(feats),
         "model": [model] * len(feats),
         "run_id": [run_id] * len(feats),

@@ -13,14 +13,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from geomask.config import Config, merge_overrides
+from geomask.config import Config, ShapeClassConfig, merge_overrides
 from geomask.detect.base import Detector, ModelHints, load_detector
-from geomask.errors import DetectorError
+from geomask.errors import ConfigError, DetectorError
 from geomask.export import check_writable, to_frame, write_output
 from geomask.inference import TileFailure, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_across_tiles
 from geomask.raster import Grid, NormStats, RasterInfo, RasterReader, compute_norm_stats, inspect_raster, resolve_bands, working_grid
+from geomask.shape import ShapeRule, shape_features
 from geomask.tiling import Tile, default_overlap_px, plan_tiles
 from geomask.vectorize import Feature, sort_features, vectorize_instances
 
@@ -154,6 +155,43 @@ def vectorize_plan(plan: RasterPlan, instances: Iterable[Instance]) -> list[Feat
     return sort_features(feats)
 
 
+def shape_rules(plan: RasterPlan, classes: Sequence[str]) -> tuple[dict[int, ShapeRule], ShapeRule]:
+    """Turn ``vectorize.shape`` into per-class rules in working pixels (a class named by name or id as text).
+
+    Raises:
+        ConfigError: A per-class override names no class of the model.
+    """
+    shape = plan.config.vectorize.shape
+    px = plan.grid.gsd_m
+
+    def rule(settings: ShapeClassConfig) -> ShapeRule:
+        return ShapeRule(
+            method=settings.method or "pixel",
+            tolerance_px=settings.tolerance_m / px if settings.tolerance_m is not None else 3.0,
+            simplify_px=settings.simplify_m / px if settings.simplify_m is not None else 1.0,
+            diagonals=bool(settings.diagonals),
+            circles=bool(settings.circles),
+            max_area_change=settings.max_area_change or 0.2,
+        )
+
+    base = ShapeClassConfig.model_validate(shape.model_dump(exclude={"classes"}))
+    rules: dict[int, ShapeRule] = {}
+    for key, over in shape.classes.items():
+        ids = [i for i, name in enumerate(classes) if key in (name, str(i))]
+        if not ids:
+            raise ConfigError(f"vectorize.shape.classes: {key!r} is not a class of the model (classes: {list(classes)}); use one of them")
+        merged = base.model_copy(update=over.model_dump(exclude_none=True))
+        rules.update(dict.fromkeys(ids, rule(merged)))
+    return rules, rule(base)
+
+
+def shape_plan(plan: RasterPlan, feats: Sequence[Feature], classes: Sequence[str]) -> list[Feature]:
+    """Apply the shape stage to one input's final features and order them (``geomask.shape``)."""
+    rules, default = shape_rules(plan, classes)
+    traced = "simplify" if plan.config.vectorize.simplify_tolerance_m > 0 else "pixel"
+    return sort_features(shape_features(feats, plan.grid.transform, plan.info.crs, rules, default, traced))
+
+
 def predict_raster(path: str | Path, config: Config, detector: Detector) -> tuple[RasterPlan, list[Feature], RunSummary]:
     """Run every step on one raster in this process; return the plan, features and a summary."""
     t0 = time.perf_counter()
@@ -162,7 +200,7 @@ def predict_raster(path: str | Path, config: Config, detector: Detector) -> tupl
     found = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size)
     instances = found.instances
     merged = merge_across_tiles(instances, plan.tiles, plan.config.merge.ios_threshold)
-    feats = vectorize_plan(plan, merged)
+    feats = shape_plan(plan, vectorize_plan(plan, merged), detector.classes)
     summary = RunSummary(
         output=None,
         n_tiles=len(plan.tiles),

@@ -33,6 +33,7 @@ class Feature:
     score: float
     area_m2: float
     perim_m: float
+    shape: str = "pixel"  # what the shape stage did (``geomask.shape``): pixel, simplify, orthogonal, ..., fallback
 
 
 def mask_to_pixel_polygons(instance: Instance) -> MultiPolygon:
@@ -43,10 +44,10 @@ def mask_to_pixel_polygons(instance: Instance) -> MultiPolygon:
         for geom, value in features.shapes(instance.mask.view(np.uint8), mask=instance.mask, connectivity=4, transform=offset)
         if value == 1
     ]
-    return _as_multipolygon(shapely.union_all(polys) if len(polys) > 1 else polys[0]) if polys else MultiPolygon()
+    return as_multipolygon(shapely.union_all(polys) if len(polys) > 1 else polys[0]) if polys else MultiPolygon()
 
 
-def _as_multipolygon(geom: shapely.Geometry) -> MultiPolygon:
+def as_multipolygon(geom: shapely.Geometry) -> MultiPolygon:
     """Return the polygonal part of ``geom`` as a valid MultiPolygon (possibly empty)."""
     if not geom.is_valid:
         geom = shapely.make_valid(geom)
@@ -57,7 +58,7 @@ def _as_multipolygon(geom: shapely.Geometry) -> MultiPolygon:
         elif isinstance(g, MultiPolygon):
             parts.extend(p for p in g.geoms if not p.is_empty)
         elif hasattr(g, "geoms"):
-            parts.extend(_as_multipolygon(g).geoms)
+            parts.extend(as_multipolygon(g).geoms)
     return MultiPolygon(parts)
 
 
@@ -66,7 +67,7 @@ def pixel_to_map(geom: MultiPolygon, transform: Affine) -> MultiPolygon:
     matrix = [transform.a, transform.b, transform.d, transform.e, transform.c, transform.f]
     mapped = shapely.affinity.affine_transform(geom, matrix)
     # A reflecting transform (north-up has e < 0) reverses ring orientation; normalise to the OGC order.
-    return _as_multipolygon(shapely.orient_polygons(mapped)) if hasattr(shapely, "orient_polygons") else _as_multipolygon(mapped)
+    return as_multipolygon(shapely.orient_polygons(mapped)) if hasattr(shapely, "orient_polygons") else as_multipolygon(mapped)
 
 
 class AreaMeter:
@@ -109,7 +110,7 @@ def vectorize_instances(
     for inst in instances:
         pix = mask_to_pixel_polygons(inst)
         if tol_px > 0:
-            pix = _as_multipolygon(shapely.simplify(pix, tol_px, preserve_topology=True))
+            pix = as_multipolygon(shapely.simplify(pix, tol_px, preserve_topology=True))
         if pix.is_empty:
             continue
         geom = pixel_to_map(pix, transform)

@@ -193,7 +193,7 @@ def test_prefetch_thread_ends_when_the_consumer_stops_early() -> None:
     import itertools
     import threading
 
-    from geomask.pipeline import prefetch
+    from geomask.inference import prefetch
 
     def alive() -> int:
         return sum(t.name == "geomask-prefetch" and t.is_alive() for t in threading.enumerate())

@@ -27,8 +27,8 @@ from distributed import Client, Future, as_completed
 from geomask.config import Config
 from geomask.errors import DetectorError, ExportError, GeomaskError, first_line
 from geomask.export import to_frame, write_output
-from geomask.pipeline import RasterPlan, check_channels, new_run_id, resolve_config
-from geomask.vectorize import Feature, sort_features
+from geomask.pipeline import RasterPlan, check_channels, new_run_id, resolve_config, shape_plan
+from geomask.vectorize import Feature
 from workflows.blocks import Block, BlockTree
 from workflows.inputs import OutputLayout
 from workflows.store import RunStore, model_hash
@@ -268,7 +268,7 @@ class _Job:
         return BlockResult(failures=[Failure(str(inp.path), block.key, -1, "merge", reason)])
 
     def _finish_input(self, inp: _Input) -> None:
-        feats = sort_features(inp.features)
+        feats = shape_plan(inp.plan, inp.features, self.info.classes)
         inp.features = []
         inp.results.clear()
         self.summary.n_objects += len(feats)

@@ -117,6 +117,11 @@ def _tiles(
     help="Tile overlap in working-grid pixels used by predict (with --tiles-from; default: the sidecar's, else tile size / 8).",
 )
 @click.option("--no-ap", is_flag=True, help="Skip COCO AP (faster on very large layers).")
+@click.option(
+    "--shape-metrics",
+    is_flag=True,
+    help="Also score the outlines of matched pairs: C-IoU, PoLiS (truth CRS units), max tangent angle, vertices.",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
 def evaluate(
@@ -134,6 +139,7 @@ def evaluate(
     tile_size: int | None,
     overlap: int | None,
     no_ap: bool,
+    shape_metrics: bool,
     json_path: str | None,
     overwrite: bool,
 ) -> None:
@@ -156,6 +162,7 @@ def evaluate(
         tiles=_tiles(tiles_path, tiles_from, tile_size, overlap, gsd, pred),
         class_field=class_field,
         compute_ap=not no_ap,
+        shape_metrics=shape_metrics,
     )
     click.echo(result.table())
     if json_path:
