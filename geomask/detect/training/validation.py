@@ -1,4 +1,4 @@
-"""Validation during training: F1 at mask IoU 0.5 on fixed chips, matched by :mod:`geomask.evaluate`'s matcher.
+"""Validation during training: F1 at mask IoU 0.5 on fixed chips, matched by :mod:`geomask.matching`.
 
 The matching is the one ``geomask evaluate`` applies to polygons (one-to-one, greedy by IoU), here on
 pixel masks, so the validation F1 a run logs and the F1 of its predictions on a test area measure the
@@ -16,7 +16,7 @@ from rasterio.windows import Window
 from geomask.detect.base import TileImage
 from geomask.detect.maskrcnn import MaskRCNNDetector
 from geomask.detect.training.augment import Chip
-from geomask.evaluate import DEFAULT_IOU, Pairs, match_one_to_one
+from geomask.matching import DEFAULT_IOU, Pairs, match_one_to_one
 from geomask.tiling import Tile
 
 BoolArray = npt.NDArray[np.bool_]
@@ -47,7 +47,7 @@ def match_f1(
 ) -> tuple[int, int, int]:
     """Match predictions to truth one-to-one at mask IoU ≥ ``iou``: ``(tp, fp, fn)``.
 
-    Pairs are taken by :func:`geomask.evaluate.match_one_to_one` (highest IoU first); among equal
+    Pairs are taken by :func:`geomask.matching.match_one_to_one` (highest IoU first); among equal
     IoUs the higher-scoring prediction wins. Ignored truths (e.g. objects cut by the chip edge) count
     neither as misses nor, when matched, as hits; an ignored prediction that matches no counted truth
     is not a false positive.
