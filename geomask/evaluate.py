@@ -41,6 +41,7 @@ from affine import Affine
 from shapely import STRtree
 
 from geomask.errors import LabelError, first_line
+from geomask.matching import AREA_EPS, DEFAULT_IOU, IOU_EPS, Pairs, coco_ap, match_one_to_one, overlapping_pairs
 from geomask.polygon_metrics import ShapeScores, shape_scores
 from geomask.tiling import Tile
 
@@ -50,17 +51,12 @@ GeometryArray = npt.NDArray[np.object_]
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.intp]
 
-DEFAULT_IOU = 0.5
-COCO_IOUS: tuple[float, ...] = tuple(round(0.5 + 0.05 * k, 2) for k in range(10))
 # A prediction (or object) at least this much inside ignore polygons is not counted.
 IGNORE_FRACTION = 0.5
 # A prediction at least this much inside a truth object is a piece of it (duplicate / split counting).
 PIECE_FRACTION = 0.5
 CLASS_FIELDS = ("class", "class_id")
 SPAN_BUCKETS: tuple[tuple[str, int, int], ...] = (("1 tile", 1, 1), ("2 tiles", 2, 2), ("3-4 tiles", 3, 4), (">=5 tiles", 5, 1 << 30))
-_AREA_EPS = 1e-9  # relative: areas below this fraction of an object's area are numerical noise
-# IoU of pixel-traced polygons is often exactly 0.5 in pixel units; in map units rounding moves it either way.
-_IOU_EPS = 1e-9
 
 
 @dataclass(frozen=True)
@@ -243,117 +239,8 @@ def format_scores(rows: Sequence[Scores], ap: bool = True) -> str:
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------------------------------
-# Geometry: pairs, matching, AP
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pairs:
-    """Overlapping (prediction, truth) pairs with their overlap measures.
-
-    Attributes:
-        pred: Prediction index of each pair.
-        truth: Truth index of each pair.
-        iou: Intersection over union.
-        in_pred: Intersection over the prediction's area (how much of the prediction lies in the truth).
-    """
-
-    pred: IntArray
-    truth: IntArray
-    iou: FloatArray
-    in_pred: FloatArray
-
-    def take(self, keep: npt.NDArray[np.bool_]) -> Pairs:
-        return Pairs(self.pred[keep], self.truth[keep], self.iou[keep], self.in_pred[keep])
-
-
-def overlapping_pairs(pred: GeometryArray, truth: GeometryArray) -> Pairs:
-    """Return every (prediction, truth) pair whose interiors overlap, found with an ``STRtree``."""
-    empty_i = np.zeros(0, dtype=np.intp)
-    if len(pred) == 0 or len(truth) == 0:
-        return Pairs(empty_i, empty_i, np.zeros(0), np.zeros(0))
-    tree = STRtree(truth)
-    pi, ti = tree.query(pred, predicate="intersects")
-    inter = shapely.area(shapely.intersection(pred[pi], truth[ti]))
-    ap, at = shapely.area(pred[pi]), shapely.area(truth[ti])
-    keep = inter > _AREA_EPS * np.minimum(ap, at)  # touching along an edge is not overlapping
-    pi, ti, inter, ap, at = pi[keep], ti[keep], inter[keep], ap[keep], at[keep]
-    iou = inter / (ap + at - inter)
-    in_pred = np.divide(inter, ap, out=np.zeros_like(inter), where=ap > 0)
-    return Pairs(pi.astype(np.intp), ti.astype(np.intp), iou, in_pred)
-
-
-def match_one_to_one(pairs: Pairs, iou_threshold: float) -> Pairs:
-    """Match greedily by IoU (highest first), each prediction and truth object at most once.
-
-    With IoU ≥ 0.5 the greedy matching is the optimal one: a prediction can overlap at most one truth
-    object that much when truth objects do not overlap, and vice versa.
-    """
-    cand = np.flatnonzero(pairs.iou >= iou_threshold - _IOU_EPS)
-    order = cand[np.lexsort((pairs.truth[cand], pairs.pred[cand], -pairs.iou[cand]))]
-    used_p: set[int] = set()
-    used_t: set[int] = set()
-    chosen: list[int] = []
-    for k in order.tolist():
-        p, t = int(pairs.pred[k]), int(pairs.truth[k])
-        if p in used_p or t in used_t:
-            continue
-        used_p.add(p)
-        used_t.add(t)
-        chosen.append(k)
-    keep = np.zeros(len(pairs.iou), dtype=bool)
-    keep[chosen] = True
-    return pairs.take(keep)
-
-
-def average_precision(pairs: Pairs, scores: FloatArray, n_truth: int, iou_threshold: float) -> float | None:
-    """Return COCO's 101-point interpolated AP at one IoU threshold, ``None`` without truth objects.
-
-    Predictions are taken by score (highest first, ties by index); each takes the unmatched truth
-    object it overlaps most at ``iou_threshold`` or above, as COCO's evaluator does.
-    """
-    if n_truth == 0:
-        return None
-    n_pred = len(scores)
-    if n_pred == 0:
-        return 0.0
-    cand = np.flatnonzero(pairs.iou >= iou_threshold - _IOU_EPS)
-    by_pred: dict[int, list[tuple[float, int]]] = {}
-    for k in cand.tolist():
-        by_pred.setdefault(int(pairs.pred[k]), []).append((float(pairs.iou[k]), int(pairs.truth[k])))
-    order = np.lexsort((np.arange(n_pred), -scores))
-    taken: set[int] = set()
-    tp = np.zeros(n_pred, dtype=bool)
-    for rank, p in enumerate(order.tolist()):
-        best = -1.0
-        best_t = -1
-        for iou, t in by_pred.get(p, ()):
-            if t not in taken and iou > best:
-                best, best_t = iou, t
-        if best_t >= 0:
-            taken.add(best_t)
-            tp[rank] = True
-    ctp = np.cumsum(tp)
-    recall = ctp / n_truth
-    precision = ctp / np.arange(1, n_pred + 1)
-    envelope = np.maximum.accumulate(precision[::-1])[::-1]  # precision never rises with recall
-    points = np.linspace(0.0, 1.0, 101)
-    at = np.searchsorted(recall, points, side="left")
-    sampled = np.where(at < n_pred, envelope[np.minimum(at, n_pred - 1)], 0.0)
-    return float(sampled.mean())
-
-
-def _coco_ap(pairs: Pairs, scores: FloatArray, n_truth: int) -> tuple[float | None, float | None, float | None]:
-    per = [average_precision(pairs, scores, n_truth, t) for t in COCO_IOUS]
-    if per[0] is None:
-        return None, None, None
-    vals = [v for v in per if v is not None]
-    return float(np.mean(vals)), per[0], per[5]
-
-
 def _pieces_per_truth(pairs: Pairs, n_truth: int) -> npt.NDArray[np.int64]:
-    is_piece = pairs.in_pred >= PIECE_FRACTION - _IOU_EPS
+    is_piece = pairs.in_pred >= PIECE_FRACTION - IOU_EPS
     return np.bincount(pairs.truth[is_piece], minlength=n_truth).astype(np.int64)
 
 
@@ -458,7 +345,7 @@ def tile_cover(geometry: GeometryArray, tiles: GeometryArray) -> TileCover:
     seen = area[gi].copy()
     part = np.flatnonzero(~shapely.within(geometry[gi], tiles[ti]))
     seen[part] = shapely.area(shapely.intersection(geometry[gi[part]], tiles[ti[part]]))
-    tol = _AREA_EPS * in_extent[gi]
+    tol = AREA_EPS * in_extent[gi]
     overlap = seen > tol
     span = np.bincount(gi[overlap], minlength=n).astype(np.int64)
     partial = overlap & (seen < in_extent[gi] - tol)
@@ -522,8 +409,8 @@ def evaluate(
     n_ign_t = n_ign_p = 0
     if ignore is not None and len(ignore):
         regions = _polygonal(np.asarray(ignore, dtype=object))
-        drop_t = inside_fraction(truth.geometry, regions) >= IGNORE_FRACTION - _IOU_EPS
-        drop_p = inside_fraction(pred.geometry, regions) >= IGNORE_FRACTION - _IOU_EPS
+        drop_t = inside_fraction(truth.geometry, regions) >= IGNORE_FRACTION - IOU_EPS
+        drop_p = inside_fraction(pred.geometry, regions) >= IGNORE_FRACTION - IOU_EPS
         n_ign_t, n_ign_p = int(drop_t.sum()), int(drop_p.sum())
         truth, pred = truth.take(~drop_t), pred.take(~drop_p)
 
@@ -544,7 +431,7 @@ def evaluate(
             sub = same_class.take(np.isin(same_class.pred, p_idx))
             remap = np.full(len(pred), -1, dtype=np.intp)
             remap[p_idx] = np.arange(len(p_idx))
-            ap = _coco_ap(Pairs(remap[sub.pred], sub.truth, sub.iou, sub.in_pred), pred.score[p_idx], len(t_idx))
+            ap = coco_ap(Pairs(remap[sub.pred], sub.truth, sub.iou, sub.in_pred), pred.score[p_idx], len(t_idx))
             aps.append(ap)
         per_class.append(_scores(lab or "all", t_idx, p_idx, matches, pieces, ap))
 
@@ -575,7 +462,7 @@ def _seam_scores(
     p_span, p_cross = p_cover.span.copy(), p_cover.crosses.copy()
     owner = np.full(len(pred), -1, dtype=np.intp)
     best = np.zeros(len(pred))
-    pieces_of = pairs.in_pred >= PIECE_FRACTION - _IOU_EPS
+    pieces_of = pairs.in_pred >= PIECE_FRACTION - IOU_EPS
     for p, t, frac in zip(pairs.pred[pieces_of].tolist(), pairs.truth[pieces_of].tolist(), pairs.in_pred[pieces_of].tolist(), strict=True):
         if frac > best[p]:
             best[p], owner[p] = frac, t

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
-from rasterio.windows import Window
 
 BoolArray = npt.NDArray[np.bool_]
 
@@ -49,11 +48,6 @@ class Instance:
         return int(self.mask.shape[1])
 
     @property
-    def window(self) -> Window:
-        """The box as a rasterio window in global pixel coordinates."""
-        return Window(self.col_off, self.row_off, self.width, self.height)
-
-    @property
     def area_px(self) -> int:
         return int(self.mask.sum())
 
@@ -89,10 +83,3 @@ def from_mask(
         class_id=int(class_id),
         tile_id=tile_id,
     )
-
-
-def paste(instance: Instance, canvas: BoolArray, *, row_off: int, col_off: int) -> None:
-    """OR the instance's mask into ``canvas`` whose top-left is at global ``(row_off, col_off)``."""
-    r = instance.row_off - row_off
-    c = instance.col_off - col_off
-    canvas[r : r + instance.height, c : c + instance.width] |= instance.mask

@@ -6,13 +6,14 @@ Chips are built in memory (no rasters), except the sampler test, which reads two
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from geomask.detect.train import Chip, ChipReader, ChipSampler, TrainSettings, chip_target, copy_paste, open_rasters, photometric
+from geomask.detect.training import TrainSettings
+from geomask.detect.training.augment import Chip, copy_paste, photometric
+from geomask.detect.training.chips import ChipReader, ChipSampler, chip_target, open_rasters
 from geomask.errors import ConfigError
 from tests.test_train import square_scene
 
@@ -143,7 +144,7 @@ def test_jpeg_makes_blocks_and_blur_smooths() -> None:
 def test_bad_augmentation_settings() -> None:
     for bad in ({"copy_paste": 1.5}, {"jpeg": -0.1}, {"hue_jitter": 0.7}, {"noise": 1.0}, {"saturation_jitter": 2.0}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
-            dataclasses.replace(TrainSettings(), **bad).check()
+            TrainSettings(**bad)
 
 
 def test_sampler_pastes_across_rasters(tmp_path: Path) -> None:
@@ -154,7 +155,7 @@ def test_sampler_pastes_across_rasters(tmp_path: Path) -> None:
     rasters = open_rasters([str(a), str(b)], [str(la), str(lb)], settings)
     reader = ChipReader(rasters, 64, 4)
     plain = ChipSampler(reader, settings, np.random.default_rng(0))
-    pasted = ChipSampler(reader, dataclasses.replace(settings, copy_paste=1.0), np.random.default_rng(0))
+    pasted = ChipSampler(reader, settings.replace(copy_paste=1.0), np.random.default_rng(0))
     n_plain = sum(len(plain.sample().masks) for _ in range(20))
     chips = [pasted.sample() for _ in range(20)]
     reader.close()

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from geomask.detect.base import BUNDLED_MODEL, MODELS_DIR, load_detector
+from geomask.detect.base import load_detector
 from geomask.detect.checkpoint import CheckpointMeta, export_half, load_checkpoint, save_checkpoint
 from geomask.detect.maskrcnn import build, build_model
 from geomask.errors import DetectorError, WeightsError
+from geomask.models import BUNDLED_MODEL, MODELS_DIR
 
 META = CheckpointMeta(
     arch="tiny_fpn",
@@ -164,7 +165,7 @@ def test_bundled_model() -> None:
 
 def test_shipped_models_by_name() -> None:
     """``weights: trees`` (or ``buildings``) names a model shipped in the package; checkpoints carry their hints."""
-    from geomask.detect.base import BUNDLED_MODELS
+    from geomask.models import BUNDLED_MODELS
 
     trees = build("trees", device="cpu")
     assert trees.classes == ("tree",) and trees.hints.gsd_m == pytest.approx(0.1) and trees.hints.tile_size_px == 256

@@ -267,8 +267,9 @@ def test_bad_inputs_on_the_dask_path_are_one_line(client: Client, scenes: list[t
 
 
 def test_a_new_bundled_model_is_a_changed_model_for_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import geomask.detect.base as base
-    from workflows.store import DEFAULT_DETECTOR, model_hash
+    import geomask.models as base
+    from geomask.config import DEFAULT_DETECTOR
+    from workflows.store import model_hash
 
     monkeypatch.setattr(base, "MODELS_DIR", tmp_path)
     for name, file in base.BUNDLED_MODELS.items():

@@ -6,7 +6,6 @@ architecture, 128-px chips), so the whole file runs in well under a minute on tw
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -19,17 +18,11 @@ from affine import Affine
 from geomask.config import config_from_dict
 from geomask.detect.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from geomask.detect.maskrcnn import build, build_model
-from geomask.detect.train import (
-    ChipReader,
-    TrainSettings,
-    _init_weights,
-    augment,
-    chip_target,
-    match_f1,
-    open_rasters,
-    touches_edge,
-    train,
-)
+from geomask.detect.training import TrainSettings, train
+from geomask.detect.training.augment import augment
+from geomask.detect.training.chips import ChipReader, chip_target, open_rasters
+from geomask.detect.training.validation import match_f1, touches_edge
+from geomask.detect.training.weights import init_weights
 from geomask.errors import ConfigError, LabelError, WeightsError
 from geomask.pipeline import predict_raster
 
@@ -197,9 +190,9 @@ def test_bad_settings_and_labels(tmp_path: Path) -> None:
 
 def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
     image, labels, _ = square_scene(tmp_path, "r", 5, size=160, n=6)
-    short = dataclasses.replace(SETTINGS, iterations=4, val_every=2, log_every=1, batch_size=2, rois_per_image=32)
+    short = SETTINGS.replace(iterations=4, val_every=2, log_every=1, batch_size=2, rois_per_image=32)
     out = tmp_path / "r.pt"
-    train([str(image)], [str(labels)], out, dataclasses.replace(short, iterations=2))
+    train([str(image)], [str(labels)], out, short.replace(iterations=2))
     state = load_checkpoint(out.with_name("r.pt.last.pt")).train_state
     assert state is not None and state["iteration"] == 2
     result = train([str(image)], [str(labels)], out, short, resume=True)
@@ -207,7 +200,7 @@ def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
     log = [json.loads(line) for line in out.with_name("r.pt.log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in log if "loss" in r] == [1, 2, 3, 4]
     with pytest.raises(WeightsError, match="was trained as 'tiny_fpn'"):
-        train([str(image)], [str(labels)], out, dataclasses.replace(short, arch="resnet18_fpn"), resume=True)
+        train([str(image)], [str(labels)], out, short.replace(arch="resnet18_fpn"), resume=True)
 
 
 def test_weight_average_is_what_gets_validated_saved_and_resumed(tmp_path: Path) -> None:
@@ -217,13 +210,11 @@ def test_weight_average_is_what_gets_validated_saved_and_resumed(tmp_path: Path)
     img_a, lab_a, _ = square_scene(tmp_path, "ea", 7, size=160, n=6)
     img_b, lab_b, _ = square_scene(tmp_path, "eb", 8, size=160, n=6)
     data = ([str(img_a), str(img_b)], [str(lab_a), str(lab_b)])
-    short = dataclasses.replace(
-        SETTINGS, iterations=4, val_every=2, log_every=1, batch_size=2, rois_per_image=32, ema_decay=0.9, keep="last"
-    )
+    short = SETTINGS.replace(iterations=4, val_every=2, log_every=1, batch_size=2, rois_per_image=32, ema_decay=0.9, keep="last")
     out = tmp_path / "e.pt"
-    train(*data, out, dataclasses.replace(short, iterations=2), val_images=[str(img_b)])
+    train(*data, out, short.replace(iterations=2), val_images=[str(img_b)])
     with pytest.raises(ConfigError, match="weight average; pass --ema"):
-        train(*data, out, dataclasses.replace(short, ema_decay=None), val_images=[str(img_b)], resume=True)
+        train(*data, out, short.replace(ema_decay=None), val_images=[str(img_b)], resume=True)
     result = train(*data, out, short, val_images=[str(img_b)], resume=True)
     last = load_checkpoint(out.with_name("e.pt.last.pt"))
     saved = load_checkpoint(out)
@@ -236,14 +227,14 @@ def test_weight_average_is_what_gets_validated_saved_and_resumed(tmp_path: Path)
     assert result.history[-1]["iteration"] == 4
 
     best_out = tmp_path / "b.pt"
-    result = train(*data, best_out, dataclasses.replace(short, keep="best"), val_images=[str(img_b)])
+    result = train(*data, best_out, short.replace(keep="best"), val_images=[str(img_b)])
     scores = [h["val_f1"] for h in result.history]
     best = load_checkpoint(best_out).meta
     assert best is not None and best.metrics["val_f1"] == max(scores)
     assert best.metrics["iteration"] == result.history[scores.index(max(scores))]["iteration"]
     for bad, match in (({"ema_decay": 1.0}, "ema_decay"), ({"keep": "worst"}, "keep")):
         with pytest.raises(ConfigError, match=match):
-            train(*data, tmp_path / "x.pt", dataclasses.replace(short, **bad))  # type: ignore[arg-type]
+            train(*data, tmp_path / "x.pt", short.replace(**bad))  # type: ignore[arg-type]
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -323,14 +314,14 @@ def test_init_from_a_checkpoint_loads_every_tensor_or_replaces_the_heads(tmp_pat
     same = _tiny_checkpoint(tmp_path / "one.pt", ("square",))
     torch.manual_seed(0)
     model = build_model("tiny_fpn", 1, 64)
-    assert _init_weights(model, str(tmp_path / "one.pt"), 1, "tiny_fpn") == []
+    assert init_weights(model, str(tmp_path / "one.pt"), 1, "tiny_fpn") == []
     assert all(torch.equal(v, same[k]) for k, v in model.state_dict().items())
 
     three = _tiny_checkpoint(tmp_path / "three.pt", ("a", "b", "c"))
     torch.manual_seed(0)
     model = build_model("tiny_fpn", 1, 64)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
-    assert _init_weights(model, str(tmp_path / "three.pt"), 1, "tiny_fpn") == HEADS
+    assert init_weights(model, str(tmp_path / "three.pt"), 1, "tiny_fpn") == HEADS
     state = model.state_dict()
     assert (
         state["roi_heads.box_predictor.cls_score.weight"].shape[0] == 2 and three["roi_heads.box_predictor.cls_score.weight"].shape[0] == 4
@@ -343,11 +334,11 @@ def test_init_from_another_architecture_is_one_line(tmp_path: Path) -> None:
     _tiny_checkpoint(tmp_path / "tiny.pt", ("square",))
     model = build_model("resnet18_fpn", 1, 64)
     with pytest.raises(WeightsError, match="holds a 'tiny_fpn' model but training uses arch 'resnet18_fpn'; set --arch tiny_fpn") as exc:
-        _init_weights(model, str(tmp_path / "tiny.pt"), 1, "resnet18_fpn")
+        init_weights(model, str(tmp_path / "tiny.pt"), 1, "resnet18_fpn")
     assert "\n" not in str(exc.value)
     torch.save(load_checkpoint(tmp_path / "tiny.pt").state_dict, tmp_path / "plain.pt")  # no metadata naming the arch
     with pytest.raises(WeightsError, match="does not fit architecture 'resnet18_fpn'") as exc:
-        _init_weights(model, str(tmp_path / "plain.pt"), 1, "resnet18_fpn")
+        init_weights(model, str(tmp_path / "plain.pt"), 1, "resnet18_fpn")
     assert "\n" not in str(exc.value)
 
 
@@ -355,12 +346,12 @@ def test_train_starts_from_the_init_checkpoint(tmp_path: Path, caplog: pytest.Lo
     """One step at a negligible learning rate: the trained parameters are still the checkpoint's."""
     image, labels, _ = square_scene(tmp_path, "i", 7, size=128, n=4)
     start = _tiny_checkpoint(tmp_path / "start.pt", ("square",), seed=123)
-    settings = dataclasses.replace(
-        SETTINGS, chip_size_px=64, iterations=1, val_every=1, log_every=1, batch_size=1, rois_per_image=16, lr=1e-12, weight_decay=0.0
+    settings = SETTINGS.replace(
+        chip_size_px=64, iterations=1, val_every=1, log_every=1, batch_size=1, rois_per_image=16, lr=1e-12, weight_decay=0.0
     )
     out = tmp_path / "tuned.pt"
     with caplog.at_level("INFO", logger="geomask"):
-        train([str(image)], [str(labels)], out, dataclasses.replace(settings, init=str(tmp_path / "start.pt")))
+        train([str(image)], [str(labels)], out, settings.replace(init=str(tmp_path / "start.pt")))
     assert any(m.startswith(f"initialised from {tmp_path / 'start.pt'} (") for m in caplog.messages)
     tuned = load_checkpoint(out).state_dict
     params = [k for k, _ in build_model("tiny_fpn", 1, 64).named_parameters()]
@@ -387,7 +378,7 @@ def test_init_coco_by_name_from_the_torch_cache(tmp_path: Path, monkeypatch: pyt
     torch.manual_seed(0)
     model = build_model("resnet50_fpn", 2, 128)
     fresh = {k: v.clone() for k, v in model.state_dict().items() if k in HEADS}
-    assert _init_weights(model, "coco", 2, "resnet50_fpn") == HEADS
+    assert init_weights(model, "coco", 2, "resnet50_fpn") == HEADS
     state = model.state_dict()
     assert state["roi_heads.box_predictor.cls_score.weight"].shape == (3, 1024)
     assert state["roi_heads.box_predictor.bbox_pred.weight"].shape == (12, 1024)
@@ -400,4 +391,4 @@ def test_init_coco_by_name_from_the_torch_cache(tmp_path: Path, monkeypatch: pyt
             assert torch.equal(v, coco[k]), k
     assert all(k.endswith("num_batches_tracked") for k in state if k not in coco)
     with pytest.raises(WeightsError, match="holds a 'resnet50_fpn' model but training uses arch 'tiny_fpn'; set --arch resnet50_fpn"):
-        _init_weights(build_model("tiny_fpn", 2, 64), "coco", 2, "tiny_fpn")
+        init_weights(build_model("tiny_fpn", 2, 64), "coco", 2, "tiny_fpn")

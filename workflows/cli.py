@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
 
 import click
 
-from geomask.config import Config, load_config, merge_overrides
 from geomask.errors import GeomaskError
 
 log = logging.getLogger("geomask")
@@ -24,13 +22,6 @@ def setup_logging(verbose: int, quiet: int) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for name in ("geomask", "workflows"):
         logging.getLogger(name).setLevel(level)
-
-
-def resolve_cli_config(config_path: str | None, overrides: dict[str, Any]) -> Config:
-    """Load the YAML config and apply the command-line overrides that were given."""
-    cfg = load_config(config_path)
-    given = {k: v for k, v in overrides.items() if v is not None}
-    return merge_overrides(cfg, given) if given else cfg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -19,7 +19,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -32,10 +31,10 @@ import shapely
 from shapely.geometry import MultiPolygon
 
 from geomask.atomic import write_bytes_atomic
-from geomask.config import DEFAULT_DETECTOR, Config
-from geomask.detect.base import bundled_model_path
+from geomask.config import Config
 from geomask.errors import ConfigError, GeomaskError
 from geomask.instances import Instance
+from geomask.models import detector_options
 from geomask.vectorize import Feature
 from workflows.tasks import BlockResult, Failure
 
@@ -72,13 +71,8 @@ def _file_digest(path: Path) -> str:
 def model_hash(factory: str, options: dict[str, Any]) -> str:
     """Hash the detector factory, its options and the content of every file an option names (weights, or the bundled model)."""
     digest = hashlib.sha256(json.dumps({"factory": factory, "options": options}, sort_keys=True, default=str).encode())
-    shipped = bundled_model_path(options.get("weights")) if factory == DEFAULT_DETECTOR else None
-    if shipped is not None and shipped.is_file():  # a shipped model: a new release may ship new weights
-        digest.update(_file_digest(shipped).encode())
-    for key in sorted(options):
-        value = options[key]
-        if isinstance(value, str | os.PathLike) and Path(value).is_file():
-            digest.update(_file_digest(Path(value)).encode())
+    for path in detector_options(factory).model_files(options):  # a shipped model counts: a release may ship new weights
+        digest.update(_file_digest(path).encode())
     return digest.hexdigest()[:16]
 
 

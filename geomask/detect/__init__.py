@@ -4,6 +4,6 @@ This is the only package that imports torch, and only in the modules that need i
 ``geomask.detect`` itself (the protocol) is torch-free.
 """
 
-from geomask.detect.base import Detector, DetectorFactory, ModelHints, TileImage, load_detector
+from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
 
-__all__ = ["Detector", "DetectorFactory", "ModelHints", "TileImage", "load_detector"]
+__all__ = ["Detector", "ModelHints", "TileImage", "load_detector"]

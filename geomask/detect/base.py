@@ -11,9 +11,8 @@ models by writing a factory that returns an object with this shape and naming it
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -22,18 +21,6 @@ import numpy.typing as npt
 from geomask.errors import DetectorError
 from geomask.instances import Instance
 from geomask.tiling import Tile
-
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
-BUNDLED_MODEL = "buildings_r18.pt"  # what the built-in Mask R-CNN loads when no weights are given
-BUNDLED_MODELS = {"buildings": BUNDLED_MODEL, "trees": "trees_r18.pt"}  # `weights: trees` names a shipped model
-
-
-def bundled_model_path(weights: str | None) -> Path | None:
-    """Return the file of a shipped model named by ``weights`` (``None`` → the default), else ``None``."""
-    if weights is None:
-        return MODELS_DIR / BUNDLED_MODEL
-    name = BUNDLED_MODELS.get(weights)
-    return MODELS_DIR / name if name is not None else None
 
 
 @dataclass(frozen=True)
@@ -91,9 +78,6 @@ class Detector(Protocol):
     def detect(self, batch: Sequence[TileImage]) -> list[list[Instance]]:
         """Return the instances of each tile in ``batch``, in global working-grid pixels."""
         ...
-
-
-DetectorFactory = Callable[..., Detector]
 
 
 def load_detector(factory: str, options: dict[str, Any] | None = None) -> Detector:

@@ -17,7 +17,6 @@ Plain torchvision state dicts (e.g. the COCO weights) are read too, without meta
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
@@ -27,8 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from geomask.atomic import replacing
 from geomask.detect.base import ModelHints
-from geomask.errors import WeightsError
+from geomask.errors import WeightsError, first_line
 
 FORMAT = "geomask-checkpoint"
 FORMAT_VERSION = 1
@@ -158,12 +158,10 @@ def save_checkpoint(
         data["train_state"] = train_state
     if not out.parent.is_dir():
         raise WeightsError(f"cannot write checkpoint {out}: folder {out.parent} does not exist; create it first")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     try:
-        torch.save(data, tmp)
-        os.replace(tmp, out)
+        with replacing(out) as tmpdir:  # a run stopped mid-write keeps the previous checkpoint whole
+            torch.save(data, tmpdir / out.name)
     except (OSError, RuntimeError) as err:  # torch reports write failures as RuntimeError
-        tmp.unlink(missing_ok=True)
         raise WeightsError(f"cannot write checkpoint {out} ({_first_line(err)}); check the folder is writable and has space") from None
     return out
 
@@ -267,11 +265,11 @@ def _read_inference(raw: object) -> dict[str, Any]:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    for line in text.splitlines():  # torch's weights_only refusal names the offending class on a later line
+    """Return :func:`first_line` of ``err``, or the line of torch's weights-only refusal that names the offending class."""
+    for line in str(err).splitlines():  # that refusal names the class on a later line
         if "Unsupported global" in line:
             return line.strip().split(" was not", 1)[0][:200]
-    return text.splitlines()[0][:200] if text else type(err).__name__
+    return first_line(err, 200)
 
 
 def set_inference_defaults(source: str | Path, destination: str | Path, values: dict[str, Any], replace: bool = False) -> Path:

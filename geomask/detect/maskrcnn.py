@@ -40,10 +40,11 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from geomask.detect.base import ModelHints, TileImage, bundled_model_path
+from geomask.detect.base import ModelHints, TileImage
 from geomask.detect.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint
 from geomask.errors import DetectorError, WeightsError
 from geomask.instances import Instance
+from geomask.models import bundled_model_path
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 import geopandas as gpd
 
+from workflows.commands.options import overwrite_option
+
 log = logging.getLogger("geomask")
 
 
@@ -123,7 +125,7 @@ def _tiles(
     help="Also score the outlines of matched pairs: C-IoU, PoLiS (truth CRS units), max tangent angle, vertices.",
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --json file.")
+@overwrite_option("Replace an existing --json file.")
 def evaluate(
     pred: str,
     truth: str,

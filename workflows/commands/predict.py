@@ -14,9 +14,11 @@ from pathlib import Path
 
 import click
 
-from geomask.config import DEFAULT_DETECTOR, Config, merge_overrides
+from geomask.config import Config, merge_overrides
 from geomask.inference import TileFailure
+from geomask.models import detector_options
 from geomask.pipeline import run_serial
+from workflows.commands.options import config_option, device_option, overwrite_option, resolve_cli_config
 from workflows.inputs import OutputLayout, expand_inputs, plan_outputs
 
 log = logging.getLogger("geomask")
@@ -31,13 +33,13 @@ EXIT_FAILURES = 3
     required=True,
     help="Output file (.gpkg .geojson .shp .parquet .fgb), or a folder (existing, or ending with /) for one file per input.",
 )
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="YAML config (see configs/).")
+@config_option("YAML config (see configs/).")
 @click.option("--weights", help="Model checkpoint (.pt) for the built-in Mask R-CNN; default: the bundled model.")
 @click.option("--detector", help="Detector factory 'package.module:callable' (default: the built-in Mask R-CNN).")
 @click.option("--tile-size", type=int, help="Tile size in pixels (tiling.size_px).")
 @click.option("--overlap", type=int, help="Tile overlap in pixels (tiling.overlap_px).")
 @click.option("--batch-size", type=int, help="Tiles per detector call (detector.batch_size).")
-@click.option("--device", help="torch device for the built-in detector: auto, cpu, cuda, cuda:1.")
+@device_option("torch device for the built-in detector: auto, cpu, cuda, cuda:1.")
 @click.option("--serial", is_flag=True, help="Run in this process without Dask (the reference path).")
 @click.option("--scheduler", help="Address of a running Dask scheduler, e.g. tcp://head:8786 (dask.address); default: a local cluster.")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the local cluster (dask.n_workers).")
@@ -45,11 +47,7 @@ EXIT_FAILURES = 3
 @click.option("--gpu/--no-gpu", default=None, help="Run inference tasks on workers that offer resources GPU=1 (dask.gpu).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Folder that keeps finished tasks; re-run the same command to resume.")
 @click.option("--fresh", is_flag=True, help="Discard what --run-dir holds and start again.")
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Replace existing outputs (in a GeoPackage only geomask's layer, export.layer; other layers are kept).",
-)
+@overwrite_option("Replace existing outputs (in a GeoPackage only geomask's layer, export.layer; other layers are kept).")
 @click.option("--format", "fmt", default="gpkg", show_default=True, help="File format of per-input outputs when -o is a folder.")
 @click.option("--progress-every", type=float, default=10.0, show_default=True, help="Seconds between progress lines.")
 def predict(
@@ -74,8 +72,6 @@ def predict(
     progress_every: float,
 ) -> None:
     """Detect objects in INPUTS (GeoTIFFs, globs, or .txt lists of them) and write georeferenced polygons to --output."""
-    from workflows.cli import resolve_cli_config
-
     cfg = resolve_cli_config(
         config_path,
         {
@@ -123,14 +119,8 @@ def predict(
 
 
 def _with_detector_options(cfg: Config, weights: str | None, device: str | None) -> Config:
-    options = dict(cfg.detector.options)
-    if cfg.detector.factory == DEFAULT_DETECTOR:
-        if weights is not None:  # absolute, so that workers started in another folder find it
-            options["weights"] = str(Path(weights).resolve()) if Path(weights).is_file() else weights
-        if device is not None:
-            options["device"] = device
-    elif weights is not None or device is not None:
-        raise click.UsageError("--weights/--device apply to the built-in detector only; pass options to yours in the config")
+    # Which flags a detector takes, and which are paths, is the detector's rule (geomask.models).
+    options = detector_options(cfg.detector.factory).with_flags(cfg.detector.options, {"weights": weights, "device": device})
     return merge_overrides(cfg, {"detector.options": options})
 
 

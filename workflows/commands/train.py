@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import logging
 import shlex
 from pathlib import Path
@@ -13,13 +11,9 @@ import click
 import yaml
 
 from geomask.errors import ConfigError, ExportError, first_line
+from workflows.commands.options import config_option, device_option, overwrite_option
 
 log = logging.getLogger("geomask")
-
-
-def _settings_fields() -> dict[str, Any]:
-    # Imported by name so the CLI layer never imports torch statically (the import contracts forbid it).
-    return importlib.import_module("geomask.detect.train").__dict__
 
 
 def _load_yaml(path: str | None) -> dict[str, Any]:
@@ -40,7 +34,7 @@ def _load_mapping(path: str, what: str) -> dict[str, Any]:
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}  # JSON is YAML
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"cannot read {what} {path} ({str(err).splitlines()[0]}); give a YAML or JSON file") from None
+        raise ConfigError(f"cannot read {what} {path} ({first_line(err)}); give a YAML or JSON file") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of {what}, e.g. {{score_threshold: 0.6, tta: 4}}")
     return dict(data)
@@ -79,7 +73,7 @@ def _check_output(output: Path, replace: bool) -> None:
 @click.option("--images", "images", multiple=True, required=True, help="Training rasters (path or quoted glob; repeatable).")
 @click.option("--labels", "labels", multiple=True, required=True, help="Vector labels in any OGR format/CRS (repeatable).")
 @click.option("-o", "--output", required=True, help="Best checkpoint (.pt); OUTPUT.last.pt and OUTPUT.log.jsonl go beside it.")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="YAML of training settings (keys of TrainSettings).")
+@config_option("YAML of training settings (keys of TrainSettings).")
 @click.option("--arch", help="resnet18_fpn (CPU-friendly, default), resnet50_fpn, resnet50_fpn_v2, resnet101_fpn, tiny_fpn.")
 @click.option("--iterations", type=int, help="Optimiser steps in total.")
 @click.option("--epochs", type=int, help="Validation rounds; iterations = epochs x --val-every.")
@@ -96,7 +90,7 @@ def _check_output(output: Path, replace: bool) -> None:
 @click.option("--classes", help="Comma-separated class names (default: building).")
 @click.option("--class-field", help="Label attribute holding the class name.")
 @click.option("--boxes", "boxes_as_ellipses", is_flag=True, default=None, help="Labels are boxes: train on the inscribed ellipse.")
-@click.option("--device", help="auto, cpu, cuda, cuda:N.")
+@device_option("auto, cpu, cuda, cuda:N.")
 @click.option("--threads", type=int, help="torch CPU threads.")
 @click.option("--max-minutes", type=float, help="Stop cleanly after this many minutes.")
 @click.option("--attribution", help="Credit for the training data (stored in the checkpoint).")
@@ -116,7 +110,7 @@ def _check_output(output: Path, replace: bool) -> None:
     help="YAML/JSON mapping of inference defaults stored in the checkpoint (score_threshold, tta, min_area_m2, ...).",
 )
 @click.option("--resume", is_flag=True, help="Continue from OUTPUT.last.pt.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT (and OUTPUT.last.pt, OUTPUT.log.jsonl) instead of refusing.")
+@overwrite_option("Replace an existing OUTPUT (and OUTPUT.last.pt, OUTPUT.log.jsonl) instead of refusing.")
 def train(
     images: tuple[str, ...],
     labels: tuple[str, ...],
@@ -133,31 +127,23 @@ def train(
     **options: Any,
 ) -> None:
     """Train a Mask R-CNN on rasters and vector labels; write the best checkpoint to --output."""
-    mod = _settings_fields()
-    settings_cls = mod["TrainSettings"]
+    # torch is imported when training runs, not when the CLI starts (declared in pyproject's import contracts).
+    from geomask.detect.training import TrainSettings
+    from geomask.detect.training import train as run_training
+
     values = _load_yaml(config_path)
-    known = {f.name for f in dataclasses.fields(settings_cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"unknown training setting(s) {unknown}; valid: {sorted(known)}")
     values.update({k: v for k, v in options.items() if v is not None})
     if native_gsd:
         values["gsd_m"] = None
     if classes:
         values["classes"] = tuple(c.strip() for c in classes.split(",") if c.strip())
-    for key in ("classes", "bands", "scale_jitter"):
-        if isinstance(values.get(key), list):
-            values[key] = tuple(values[key])
     if inference_path is not None:
         values["inference"] = {**dict(values.get("inference") or {}), **_load_mapping(inference_path, "inference defaults")}
     if epochs is not None:
-        values["iterations"] = epochs * int(values.get("val_every", settings_cls().val_every))
-    try:
-        settings = settings_cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"bad training settings: {err}") from None
+        values["iterations"] = epochs * int(values.get("val_every", TrainSettings.model_fields["val_every"].default))
+    settings = TrainSettings(**values)
     _check_output(Path(output), resume or overwrite)
-    result = mod["train"](
+    result = run_training(
         list(images),
         list(labels),
         output,
