@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from geomask.errors import DetectorError
 from geomask.instances import Instance
+from geomask.models import resolve_factory
 from geomask.tiling import Tile
 
 
@@ -82,6 +83,7 @@ class Detector(Protocol):
 
 def load_detector(factory: str, options: dict[str, Any] | None = None) -> Detector:
     """Import ``package.module:callable`` and call it with ``options`` to build a detector."""
+    factory = resolve_factory(factory, options or {})  # `.onnx` weights: the torch-free detector
     module_name, sep, attr = factory.partition(":")
     if not sep or not module_name or not attr:
         raise DetectorError(f"detector factory {factory!r} must look like 'package.module:factory'")

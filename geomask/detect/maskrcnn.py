@@ -42,6 +42,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from geomask.detect.base import ModelHints, TileImage
 from geomask.detect.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint
+from geomask.detect.masks import instances_from_masks
 from geomask.errors import DetectorError, WeightsError
 from geomask.instances import Instance
 from geomask.models import bundled_model_path
@@ -300,34 +301,11 @@ class MaskRCNNDetector:
 
     def _instances(self, out: dict[str, torch.Tensor], image: TileImage) -> list[Instance]:
         h, w = image.pixels.shape[1:]
-        masks = out["masks"][:, 0, :h, :w] >= self.mask_threshold
-        if masks.shape[0] == 0:
-            return []
-        rows_any, cols_any = masks.any(dim=2), masks.any(dim=1)
-        keep = rows_any.any(dim=1)
-        r0 = rows_any.int().argmax(dim=1)
-        r1 = h - rows_any.flip(1).int().argmax(dim=1)
-        c0 = cols_any.int().argmax(dim=1)
-        c1 = w - cols_any.flip(1).int().argmax(dim=1)
-        idx = torch.nonzero(keep).flatten().tolist()
-        bounds = torch.stack([r0, r1, c0, c1], dim=1).cpu().tolist()
-        # Crop on the device and move only the crops, in one transfer.
-        crops = [masks[i, bounds[i][0] : bounds[i][1], bounds[i][2] : bounds[i][3]].reshape(-1) for i in idx]
-        if not crops:
-            return []
-        flat = torch.cat(crops).cpu().numpy()
-        scores = out["scores"].float().cpu().tolist()
-        labels = out["labels"].cpu().tolist()
-        row0, col0 = int(image.tile.read.row_off), int(image.tile.read.col_off)
-        found = []
-        pos = 0
-        for i in idx:
-            br0, br1, bc0, bc1 = bounds[i]
-            n = (br1 - br0) * (bc1 - bc0)
-            mask = flat[pos : pos + n].reshape(br1 - br0, bc1 - bc0)
-            pos += n
-            found.append(Instance(row0 + br0, col0 + bc0, mask, float(scores[i]), int(labels[i]) - 1))
-        return found
+        # Threshold on the device: one byte per pixel crosses to the host, then the shared numpy step crops.
+        masks = (out["masks"][:, 0, :h, :w] >= self.mask_threshold).cpu().numpy()
+        scores = out["scores"].float().cpu().numpy()
+        labels = out["labels"].cpu().numpy()
+        return instances_from_masks(masks, scores, labels, self.mask_threshold, int(image.tile.read.row_off), int(image.tile.read.col_off))
 
 
 def view_image(image: torch.Tensor, turns: int, flip: bool) -> torch.Tensor:

@@ -77,10 +77,26 @@ def _maskrcnn_files(options: Mapping[str, Any]) -> list[Path]:
     return [shipped] if shipped is not None else []
 
 
+#: The ONNX Runtime detector (torch-free): what the built-in detector's factory becomes for ``.onnx`` weights.
+ONNX_DETECTOR = "geomask.detect.onnxrt:build"
+
 #: The option rules of detectors geomask ships; a detector not listed gets the generic rules.
 DETECTORS: dict[str, DetectorOptions] = {
     DEFAULT_DETECTOR: DetectorOptions(frozenset({"weights", "device"}), frozenset({"weights"}), _maskrcnn_files),
+    ONNX_DETECTOR: DetectorOptions(frozenset({"weights", "device"}), frozenset({"weights"})),
 }
+
+
+def resolve_factory(factory: str, options: Mapping[str, Any]) -> str:
+    """Return the factory that really builds ``factory`` with ``options``: the ONNX detector for ``.onnx`` weights.
+
+    The choice is made here, before anything is imported, so that ``--weights model.onnx`` never
+    imports the torch detector's module (and torch with it).
+    """
+    weights = options.get("weights")
+    if factory == DEFAULT_DETECTOR and isinstance(weights, str | os.PathLike) and str(weights).lower().endswith(".onnx"):
+        return ONNX_DETECTOR
+    return factory
 
 
 def detector_options(factory: str) -> DetectorOptions:

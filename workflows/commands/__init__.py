@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 from workflows.commands.evaluate import evaluate
+from workflows.commands.export_model import export_model
 from workflows.commands.predict import predict
 from workflows.commands.train import train
 
-ALL: list[click.Command] = [predict, evaluate, train]
+ALL: list[click.Command] = [predict, evaluate, train, export_model]
