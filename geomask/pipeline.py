@@ -20,7 +20,18 @@ from geomask.export import check_writable, to_frame, write_output
 from geomask.inference import TileFailure, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_across_tiles
-from geomask.raster import Grid, NormStats, RasterInfo, RasterReader, compute_norm_stats, inspect_raster, resolve_bands, working_grid
+from geomask.raster import (
+    Grid,
+    NormStats,
+    RasterInfo,
+    RasterReader,
+    compute_norm_stats,
+    describe_resampling,
+    inspect_raster,
+    resample_factor,
+    resolve_bands,
+    working_grid,
+)
 from geomask.shape import ShapeRule, shape_features
 from geomask.tiling import Tile, default_overlap_px, plan_tiles
 from geomask.vectorize import Feature, sort_features, vectorize_instances
@@ -65,6 +76,19 @@ def check_channels(plan: RasterPlan, detector_name: str, hints: ModelHints) -> N
     else:
         fix = f"the raster has only {plan.info.count} band(s): use imagery with {want} bands or a model trained on {plan.info.count}"
     raise DetectorError(f"{where}; {fix}")
+
+
+MILD_RESAMPLING = 1.5  # beyond this (either way) a run is allowed but warned about: the model sees imagery unlike its training
+
+
+def warn_resampling(plan: RasterPlan) -> None:
+    """Warn once per raster when its working grid is more than 1.5x finer or coarser than the source."""
+    if plan.grid.resampled:
+        f = resample_factor(plan.info, plan.grid.gsd_m)
+        if max(f, 1.0 / f) > MILD_RESAMPLING:
+            log.warning(
+                "%s: %s; results are best on imagery near the model's GSD", plan.info.path, describe_resampling(plan.info, plan.grid.gsd_m)
+            )
 
 
 @dataclass
@@ -112,7 +136,7 @@ def resolve_config(config: Config, hints: ModelHints) -> Config:
 def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     """Inspect a raster, fix its working grid, normalisation and tiles (resolved ``config`` expected)."""
     info = inspect_raster(path)
-    grid = working_grid(info, config.raster.gsd_m)
+    grid = working_grid(info, config.raster.gsd_m, config.raster.max_resample_factor)
     bands = resolve_bands(info, config.raster.bands)
     norm = config.raster.normalize
     stats = compute_norm_stats(info, grid, bands, norm.mode, norm.percentiles, norm.sample_windows, norm.sample_size_px)
@@ -197,6 +221,7 @@ def predict_raster(path: str | Path, config: Config, detector: Detector) -> tupl
     t0 = time.perf_counter()
     plan = plan_raster(path, resolve_config(config, detector.hints))
     check_channels(plan, detector.name, detector.hints)
+    warn_resampling(plan)
     found = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size)
     instances = found.instances
     merged = merge_across_tiles(instances, plan.tiles, plan.config.merge.ios_threshold)

@@ -59,10 +59,146 @@ def test_a_random_file_as_weights_on_a_dask_cluster_is_one_line(tmp_path: Path, 
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
 
 
-def test_pickled_code_in_weights_is_explained_in_our_words(tmp_path: Path, scene: Scene, capsys: pytest.CaptureFixture[str]) -> None:
-    torch = pytest.importorskip("torch")
-    evil = tmp_path / "evil.pt"
-    torch.save({"state_dict": {}, "payload": Path("x")}, evil)
-    code, err = run_cli(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "--weights", str(evil), "--serial"], capsys)
-    assert_clean_failure(code, err, "holds pickled Python objects", tmp_path)
-    assert "which could run arbitrary code; geomask loads only weights-only checkpoints" in err, err
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [
+        (
+            "tiling:\n  size_px: '512'\n",
+            "tiling.size_px: Input should be a valid integer, got the text '512'; write the value without quotes",
+        ),
+        ("dask:\n  gpu: 'yes'\n", "dask.gpu: Input should be a valid boolean, got the text 'yes'"),
+        ("merge:\n  ios_threshold: '0.5'\n", "merge.ios_threshold: Input should be a valid number"),
+        ("export:\n  geojson_crs: EPSG:99999\n", "export.geojson_crs: 'EPSG:99999' is not a CRS pyproj knows"),
+        ("export:\n  layer: ''\n", "export.layer"),
+    ],
+    ids=["int-as-text", "bool-as-text", "float-as-text", "unknown-crs", "empty-layer"],
+)
+def test_config_values_are_checked_as_written_when_loaded(
+    tmp_path: Path, scene: Scene, capsys: pytest.CaptureFixture[str], yaml_text: str, needle: str
+) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(tmp_path / "out.geojson"), "-c", str(cfg), "--serial"], capsys)
+    assert_clean_failure(code, err, needle, tmp_path)
+
+
+def test_yaml_integers_and_lists_still_fill_float_and_tuple_fields(tmp_path: Path) -> None:
+    from geomask.config import load_config
+
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text(
+        "merge:\n  ios_threshold: 1\nraster:\n  gsd_m: 1\n  normalize:\n    percentiles: [1, 99]\nexport:\n  geojson_crs: EPSG:3857\n"
+    )
+    loaded = load_config(cfg)
+    assert (loaded.merge.ios_threshold, loaded.raster.gsd_m, loaded.raster.normalize.percentiles) == (1.0, 1.0, (1.0, 99.0))
+
+
+def test_only_result_changing_settings_refuse_a_resume(tmp_path: Path, scene: Scene) -> None:
+    from geomask.config import load_config, merge_overrides
+    from geomask.errors import ConfigError
+    from workflows.store import open_run_dir
+
+    base = load_config(scene[1])
+    run_dir = tmp_path / "run"
+    open_run_dir(run_dir, [scene[0]], base)
+    faster = {"detector.batch_size": 16, "dask.n_workers": 3, "dask.threads_per_worker": 2, "dask.retries": 5, "dask.dashboard": False}
+    open_run_dir(run_dir, [scene[0]], merge_overrides(base, faster))  # same results: resumable
+    for changed in ({"merge.ios_threshold": 0.7}, {"dask.tiles_per_task": 4}, {"tiling.size_px": 64}):
+        with pytest.raises(ConfigError, match="another config"):
+            open_run_dir(run_dir, [scene[0]], merge_overrides(base, changed))
+
+
+def test_a_gsd_units_slip_is_refused_naming_both_gsds(tmp_path: Path, scene: Scene, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = yaml.safe_load(scene[1].read_text())
+    cfg["raster"] = {"gsd_m": 0.0001}  # meant 0.1 m? 10 cm? -- a 500 000² working grid
+    path = tmp_path / "slip.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, err = run_cli(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "-c", str(path), "--serial"], capsys)
+    assert_clean_failure(
+        code, err, "0.25 m/px source resampled to 0.0001 m/px (2501x finer), beyond raster.max_resample_factor 4;", tmp_path
+    )
+    assert "set raster.max_resample_factor: 2502 to allow it" in err
+
+
+def _coarse_scene(tmp_path: Path, gsd: float) -> Path:
+    from tests.helpers import write_raster
+
+    data = np.zeros((3, 40, 40), np.uint8)
+    data[:, 10:20, 10:30] = 255
+    return write_raster(tmp_path / "coarse.tif", data, UTM_TRANSFORM * UTM_TRANSFORM.scale(gsd / 0.25))
+
+
+def test_a_10m_raster_is_refused_by_a_30cm_model_unless_allowed(tmp_path: Path) -> None:
+    from geomask.config import Config, merge_overrides
+    from geomask.errors import GeomaskError
+    from geomask.pipeline import predict_raster
+    from tests.test_pipeline import BrightObjectDetector
+
+    image = _coarse_scene(tmp_path, 10.0)
+    with pytest.raises(GeomaskError, match=r"10 m/px source resampled to 0\.3 m/px \(33x finer\), beyond raster\.max_resample_factor 4;"):
+        predict_raster(image, Config(), BrightObjectDetector(0.3, 256))
+    allowed = merge_overrides(Config(), {"raster.max_resample_factor": 40})
+    plan, feats, _ = predict_raster(image, allowed, BrightObjectDetector(0.3, 256))
+    assert plan.grid.gsd_m == pytest.approx(0.3, rel=1e-3) and plan.grid.width > 1300 and len(feats) == 1
+
+
+def test_a_mild_gsd_mismatch_is_warned_about_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from geomask.config import Config
+    from geomask.pipeline import predict_raster
+    from tests.test_pipeline import BrightObjectDetector
+
+    image = _coarse_scene(tmp_path, 0.5)
+    with caplog.at_level("WARNING", logger="geomask"):
+        predict_raster(image, Config(), BrightObjectDetector(0.25, 64))
+    warned = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
+    assert len(warned) == 1 and "0.5 m/px source resampled to 0.25 m/px (2.0x finer)" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="geomask"):
+        predict_raster(image, Config(), BrightObjectDetector(0.4, 64))  # 1.25x: fine, no word
+    assert not [r for r in caplog.records if "resampled" in r.getMessage()]
+
+
+def test_non_square_pixels_are_resampled_to_a_square_grid_at_the_models_gsd(tmp_path: Path) -> None:
+    """A 2:1 pixel raster gives the model the same square image, and so the same objects, as a square one."""
+    import shapely
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    from geomask.config import Config
+    from geomask.pipeline import predict_raster
+    from tests.helpers import write_raster
+    from tests.test_pipeline import BrightObjectDetector
+
+    x0, y0 = 400_000.0, 5_600_000.0
+    truth = [shapely.box(x0 + 4 * i + 1, y0 - 10 - 2 * (i % 3), x0 + 4 * i + 3.5, y0 - 4) for i in range(12)]  # 12 narrow buildings
+    found = {}
+    for name, (rx, ry) in {"square": (0.25, 0.25), "2to1": (0.25, 0.5)}.items():
+        transform = Affine(rx, 0, x0, 0, -ry, y0)
+        shape = (round(16 / ry), round(48 / rx))
+        bright = rasterize([(g, 255) for g in truth], out_shape=shape, transform=transform, dtype=np.uint8)
+        image = write_raster(tmp_path / f"{name}.tif", np.stack([bright] * 3), transform, crs="EPSG:32633")
+        plan, feats, _ = predict_raster(image, Config(), BrightObjectDetector(0.25, 64))
+        assert plan.grid.transform.a == pytest.approx(-plan.grid.transform.e) == pytest.approx(0.25), plan.grid.transform
+        found[name] = sorted(f.geometry.bounds for f in feats)
+    assert len(found["square"]) == 12
+    assert np.allclose(found["2to1"], found["square"], atol=0.5)  # one source row (0.5 m) of edge error at most
+
+
+@pytest.mark.parametrize("mode", [["--serial"], []], ids=["serial", "dask"])
+def test_a_folder_given_as_input_is_reported_as_a_folder(
+    tmp_path: Path, scene: Scene, capsys: pytest.CaptureFixture[str], mode: list[str]
+) -> None:
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    code, err = run_cli(["predict", str(folder), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1]), *mode], capsys)
+    assert_clean_failure(
+        code, err, f"input {str(folder)!r} is a folder, not a raster; give its files, e.g. '{folder}/*.tif' (quoted)", tmp_path
+    )
+
+
+def test_a_folder_is_a_folder_in_the_library_too(tmp_path: Path) -> None:
+    from geomask.errors import RasterReadError
+    from geomask.raster import inspect_raster
+
+    with pytest.raises(RasterReadError, match="is a folder, not a raster"):
+        inspect_raster(tmp_path)

@@ -27,7 +27,7 @@ from distributed import Client, Future, as_completed
 from geomask.config import Config
 from geomask.errors import DetectorError, ExportError, GeomaskError, first_line
 from geomask.export import to_frame, write_output
-from geomask.pipeline import RasterPlan, check_channels, new_run_id, resolve_config, shape_plan
+from geomask.pipeline import RasterPlan, check_channels, new_run_id, resolve_config, shape_plan, warn_resampling
 from geomask.vectorize import Feature
 from workflows.blocks import Block, BlockTree
 from workflows.inputs import OutputLayout
@@ -170,6 +170,7 @@ class _Job:
         plans = cast(list[RasterPlan], planned)
         for plan in plans:  # a wrong band selection would fail every tile: stop now, in one line, as --serial does
             check_channels(plan, info.name, info.hints)
+            warn_resampling(plan)  # on the client: a worker's log is not the user's
         names = [Path(p.info.path).name for p in plans]
         unique = len(set(names)) == len(names)
         if self.layout.combined is not None and len({p.info.crs for p in plans}) > 1:
