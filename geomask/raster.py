@@ -235,7 +235,11 @@ def resolve_bands(info: RasterInfo, bands: list[int] | None) -> list[int]:
         return list(range(1, min(info.count, 3) + 1))
     bad = [b for b in bands if not 1 <= b <= info.count]
     if bad:
-        raise RasterContentError(f"{info.path} has {info.count} band(s); raster.bands {bands} names {bad}; use 1..{info.count}")
+        if info.count == 1:  # gray or single-band 16-bit imagery: its band is repeated for an RGB model (raster.expand_gray)
+            fix = "set raster.bands: [1] (a single band is repeated to 3 for an RGB model)"
+        else:
+            fix = f"set raster.bands to bands 1..{info.count}, e.g. {list(range(1, min(info.count, len(bands)) + 1))}"
+        raise RasterContentError(f"{info.path} has {info.count} band(s) but raster.bands (or the model) asks for {bands}; {fix}")
     return list(bands)
 
 

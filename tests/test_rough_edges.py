@@ -202,3 +202,72 @@ def test_a_folder_is_a_folder_in_the_library_too(tmp_path: Path) -> None:
 
     with pytest.raises(RasterReadError, match="is a folder, not a raster"):
         inspect_raster(tmp_path)
+
+
+def _layer(path: Path, geoms: list[object], crs: int = 32633) -> Path:
+    import geopandas as gpd
+
+    gpd.GeoDataFrame({"score": [0.9] * len(geoms)}, geometry=geoms, crs=crs).to_file(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["wrong-crs", "point-truth", "empty-truth", "empty-pred"],
+)
+def test_evaluate_refuses_layers_that_would_score_zeros(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str) -> None:
+    import geopandas as gpd
+    from shapely.geometry import Point, box
+
+    house = box(500_000, 4_999_990, 500_010, 5_000_000)
+    pred = _layer(tmp_path / "pred.gpkg", [house])
+    truth = _layer(tmp_path / "truth.gpkg", [house])
+    if case == "wrong-crs":  # the same numbers, labelled EPSG:3857: 5000 km away
+        gpd.GeoDataFrame(geometry=[house], crs=3857).to_file(truth)
+    elif case == "point-truth":
+        _layer(truth, [Point(500_005, 4_999_995)])
+    elif case == "empty-truth":
+        gpd.GeoDataFrame(geometry=gpd.GeoSeries([], crs=32633)).to_file(truth)
+    else:
+        gpd.GeoDataFrame(geometry=gpd.GeoSeries([], crs=32633)).to_file(pred)
+    needle = {
+        "wrong-crs": "no overlap between the two layers' extents",
+        "point-truth": f"truth must be polygons (or boxes drawn as polygons), {truth} holds Point",
+        "empty-truth": f"truth {truth} are an empty layer",
+        "empty-pred": f"predictions {pred} are an empty layer",
+    }[case]
+    code, err = run_cli(["evaluate", str(pred), str(truth)], capsys)
+    assert_clean_failure(code, err, needle, tmp_path)
+    if case == "wrong-crs":
+        assert "check their CRSs (EPSG:32633 and EPSG:3857)" in err
+
+
+def test_train_with_point_labels_says_labels_must_be_polygons(tmp_path: Path, scene: Scene, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    from shapely.geometry import Point
+
+    points = _layer(tmp_path / "crowns.gpkg", [Point(500_010, 4_999_990), Point(500_020, 4_999_980)])
+    args = ["train", "--images", str(scene[0]), "--labels", str(points), "-o", str(tmp_path / "out.pt"), "--arch", "tiny_fpn"]
+    code, err = run_cli([*args, "--native-gsd", "--iterations", "2", "--chip-size", "64", "--threads", "1"], capsys)
+    assert_clean_failure(code, err, "hold Point geometries; training labels must be polygons or boxes", tmp_path)
+
+
+def test_a_single_band_16_bit_image_is_told_to_set_raster_bands(tmp_path: Path) -> None:
+    from geomask.config import Config, merge_overrides
+    from geomask.detect.base import ModelHints
+    from geomask.errors import RasterContentError
+    from geomask.pipeline import predict_raster
+    from tests.helpers import write_raster
+    from tests.test_pipeline import BrightObjectDetector
+
+    data = np.full((1, 64, 64), 1000, np.uint16)
+    data[0, 10:30, 10:40] = 50_000
+    image = write_raster(tmp_path / "gray16.tif", data)
+    rgb = BrightObjectDetector(0.25, 64)
+    rgb.hints = ModelHints(tile_size_px=64, gsd_m=0.25, bands=(1, 2, 3), channels=3)  # what the bundled models declare
+    with pytest.raises(
+        RasterContentError, match=r"has 1 band\(s\) but raster.bands \(or the model\) asks for \[1, 2, 3\]; set raster.bands: \[1\]"
+    ):
+        predict_raster(image, Config(), rgb)
+    _, feats, _ = predict_raster(image, merge_overrides(Config(), {"raster.bands": [1]}), rgb)  # the fix works
+    assert len(feats) == 1
