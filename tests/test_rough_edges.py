@@ -271,3 +271,43 @@ def test_a_single_band_16_bit_image_is_told_to_set_raster_bands(tmp_path: Path) 
         predict_raster(image, Config(), rgb)
     _, feats, _ = predict_raster(image, merge_overrides(Config(), {"raster.bands": [1]}), rgb)  # the fix works
     assert len(feats) == 1
+
+
+def test_serial_runs_say_what_is_happening(
+    tmp_path: Path, scene: Scene, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A model-load line, progress lines every --progress-every seconds, and the load in the closing line."""
+    args = ["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1]), "--tile-size", "64", "--overlap", "8"]
+    with caplog.at_level("INFO", logger="geomask"):
+        code, _ = run_cli([*args, "--serial", "--progress-every", "0"], capsys)
+    assert code == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("loading the model (geomask.testing:truth_detector)") for m in messages), messages
+    progress = [m for m in messages if ": tiles " in m and "tiles/s" in m]
+    assert len(progress) >= 2 and "tiles 9/9 (100%)" in progress[-1], progress
+
+
+def test_the_closing_line_reports_the_model_load(tmp_path: Path, scene: Scene, capfd: pytest.CaptureFixture[str]) -> None:
+    from workflows.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1]), "--serial"])
+        raise SystemExit(0)
+    assert exc.value.code in (0, None)
+    out = capfd.readouterr().out
+    assert "objects from 1 tiles in" in out and "(model load " in out, out
+
+
+def test_dask_runs_say_when_the_model_loads_and_report_the_start_up(
+    tmp_path: Path, scene: Scene, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    from workflows.cli import main
+
+    with caplog.at_level("INFO", logger="workflows"), pytest.raises(SystemExit) as exc:
+        main(["predict", str(scene[0]), "-o", str(tmp_path / "out.gpkg"), "-c", str(scene[1]), "--workers", "1"])
+        raise SystemExit(0)
+    assert exc.value.code in (0, None)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "loading the model (geomask.testing:truth_detector) on 1 worker(s)" in messages, messages
+    out = capfd.readouterr().out
+    assert "before that: cluster start " in out and ", model load " in out, out

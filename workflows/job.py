@@ -59,7 +59,8 @@ class JobSummary:
     n_tiles: int = 0
     n_tiles_skipped: int = 0
     n_objects: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from planning to the last output written
+    model_seconds: float = 0.0  # loading the model on the workers, before that
     tasks_total: int = 0
     tasks_computed: int = 0
     tasks_loaded: int = 0
@@ -380,7 +381,12 @@ def run_job(
         The summary; failures are listed there (and in ``run_dir/failures.jsonl``), not raised.
     """
     job = _Job(client, inputs, layout, config, store, progress_every_s)
+    n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    log.info("loading the model (%s) on %d worker(s)", config.detector.options.get("weights") or config.detector.factory, n_workers)
+    started = time.perf_counter()
     client.register_plugin(DetectorPlugin(config.detector.factory, config.detector.options), name=job.plugin_name)
+    job.summary.model_seconds = time.perf_counter() - started
+    log.info("model loaded in %.1f s", job.summary.model_seconds)
     try:
         return job.run()
     finally:
