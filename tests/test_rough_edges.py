@@ -125,7 +125,7 @@ def _coarse_scene(tmp_path: Path, gsd: float) -> Path:
 
     data = np.zeros((3, 40, 40), np.uint8)
     data[:, 10:20, 10:30] = 255
-    return write_raster(tmp_path / "coarse.tif", data, UTM_TRANSFORM * UTM_TRANSFORM.scale(gsd / 0.25))
+    return write_raster(tmp_path / "coarse.tif", data, UTM_TRANSFORM @ UTM_TRANSFORM.scale(gsd / 0.25))
 
 
 def test_a_10m_raster_is_refused_by_a_30cm_model_unless_allowed(tmp_path: Path) -> None:
