@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pyproj import CRS
+from pyproj.exceptions import CRSError
 
 from geomask.errors import ConfigError, first_line
 
@@ -18,7 +20,9 @@ DEFAULT_DETECTOR = "geomask.detect.maskrcnn:build"
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value's type is checked as written (``size_px: "512"`` is an error, not silently 512); an
+    # integer is still a valid float, and sequences (tuples) may be written as YAML lists.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class NormalizeConfig(_Model):
@@ -30,7 +34,7 @@ class NormalizeConfig(_Model):
     """
 
     mode: Literal["auto", "range", "percentile", "none"] = "auto"
-    percentiles: tuple[float, float] = (2.0, 98.0)
+    percentiles: tuple[float, float] = Field((2.0, 98.0), strict=False)  # a YAML list; the numbers stay strict
     sample_windows: int = Field(16, ge=1, le=1024)
     sample_size_px: int = Field(512, ge=16)
 
@@ -47,6 +51,7 @@ class RasterConfig(_Model):
 
     bands: list[int] | None = Field(None, description="1-based band indexes in model order; None = model's or first 3")
     gsd_m: float | None = Field(None, gt=0, description="resample to this ground sample distance; None = model's or native")
+    max_resample_factor: float = Field(4.0, ge=1.0, description="refuse a working grid more than this many times finer or coarser")
     expand_gray: bool = True
     normalize: NormalizeConfig = NormalizeConfig()
 
@@ -125,7 +130,20 @@ class VectorizeConfig(_Model):
 
 class ExportConfig(_Model):
     geojson_crs: str | None = Field("EPSG:4326", description="RFC 7946; None keeps the raster's CRS")
-    layer: str = "instances"
+    layer: str = Field("instances", min_length=1)
+
+    @field_validator("geojson_crs")
+    @classmethod
+    def _check_crs(cls, value: str | None) -> str | None:
+        """Refuse an unknown CRS when the config is loaded, not after every tile has been processed."""
+        if value is not None:
+            try:
+                CRS.from_user_input(value)
+            except CRSError:
+                raise ValueError(
+                    f"{value!r} is not a CRS pyproj knows; use e.g. EPSG:4326 (RFC 7946), or null to keep the raster's CRS"
+                ) from None
+        return value
 
 
 class DaskConfig(_Model):
@@ -154,7 +172,10 @@ def _describe(err: ValidationError, source: str) -> str:
     loc = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key {loc!r}; check the spelling against configs/default.yaml"
-    return f"{source}: {loc}: {first['msg']}" if loc else f"{source}: {first['msg']}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"].endswith("_type") and isinstance(first["input"], str):  # strict types: "512" is not 512
+        msg = f"{msg}, got the text {first['input']!r}; write the value without quotes"
+    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:

@@ -540,6 +540,30 @@ def to_crs_of(frame: gpd.GeoDataFrame, target: gpd.GeoDataFrame, what: str) -> g
     return frame if frame.crs == target.crs else frame.to_crs(target.crs)
 
 
+def check_layers(pred: gpd.GeoDataFrame, truth: gpd.GeoDataFrame, pred_name: str, truth_name: str) -> None:
+    """Refuse layers whose scores would be a meaningless table of zeros, naming the cause.
+
+    An empty layer, point truth and two layers that lie apart (one in the wrong CRS) all score 0
+    without an error otherwise, which reads as a bad model rather than a bad input.
+
+    Raises:
+        LabelError: A layer is empty, the truth holds no polygons, or the extents do not overlap.
+    """
+    for what, frame, name in (("predictions", pred, pred_name), ("truth", truth, truth_name)):
+        geoms = frame.geometry[~(frame.geometry.isna() | frame.geometry.is_empty)]
+        if geoms.empty:
+            raise LabelError(f"{what} {name} are an empty layer (no features); nothing to score; check the file (and its layer)")
+        if not geoms.geom_type.isin(["Polygon", "MultiPolygon"]).any():
+            kinds = ", ".join(sorted(set(geoms.geom_type)))
+            raise LabelError(f"{what} must be polygons (or boxes drawn as polygons), {name} holds {kinds}; buffer or redraw them")
+    extent = gpd.GeoSeries([shapely.box(*pred.total_bounds)], crs=pred.crs)
+    if pred.crs is not None and truth.crs is not None and pred.crs != truth.crs:
+        extent = extent.to_crs(truth.crs)
+    if not extent.iloc[0].intersects(shapely.box(*truth.total_bounds)):
+        where = f" ({pred.crs.to_string()} and {truth.crs.to_string()})" if pred.crs is not None and truth.crs is not None else ""
+        raise LabelError(f"no overlap between the two layers' extents: {pred_name} and {truth_name} lie apart; check their CRSs{where}")
+
+
 def evaluate_frames(
     pred: gpd.GeoDataFrame,
     truth: gpd.GeoDataFrame,

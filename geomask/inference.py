@@ -190,8 +190,12 @@ def run_tiles(
     batch_size: int,
     consume: Callable[[list[Instance]], None],
     lock: threading.Lock | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> TileRun:
-    """Read, detect and clean ``tiles``, handing each tile's instances to ``consume``; failures are recorded."""
+    """Read, detect and clean ``tiles``, handing each tile's instances to ``consume``; failures are recorded.
+
+    ``progress`` is told how many tiles each batch covered (detected, skipped as nodata or failed).
+    """
     run = TileRun(n_tiles=len(tiles))
     for n_batches, batch in enumerate(prefetch(read_batches(reader, tiles, batch_size)), start=1):
         run.n_skipped += batch.skipped
@@ -199,6 +203,8 @@ def run_tiles(
         for found in detect_batch(detector, batch.images, run.failures, lock):
             run.n_instances += len(found)
             consume(found)
+        if progress is not None:
+            progress(len(batch.images) + batch.skipped + len(batch.failures))
         del batch
         if n_batches % 16 == 0:
             release_freed_memory()

@@ -142,7 +142,9 @@ def read_labels(
         return LabelSet(np.empty(0, dtype=object), np.empty(0, dtype=np.int64), names, target)
     merged = pd.concat(frames, ignore_index=True)
     geoms = shapely.make_valid(np.asarray(merged.geometry.values, dtype=object))
-    geoms = np.asarray([_polygonal(g) for g in geoms], dtype=object)
+    polygonal = np.asarray([_polygonal(g) for g in geoms], dtype=object)
+    _check_polygonal(geoms, polygonal, paths)
+    geoms = polygonal
     keep = ~shapely.is_empty(geoms)
     if bounds is not None:
         keep &= shapely.intersects(geoms, shapely.box(*bounds))
@@ -162,6 +164,20 @@ def read_labels(
         geoms = np.asarray([inscribed_ellipse(g) for g in geoms], dtype=object)
     order = dedupe(geoms, dedupe_iou)
     return LabelSet(geoms[order], ids[order], names, target)
+
+
+def _check_polygonal(geoms: npt.NDArray[np.object_], polygonal: npt.NDArray[np.object_], paths: Sequence[str | Path]) -> None:
+    """Refuse labels with no area at all (points, lines), which would otherwise read as "no label overlaps"."""
+    lost = ~shapely.is_empty(geoms) & shapely.is_empty(polygonal)
+    if not lost.any():
+        return
+    kinds = ", ".join(sorted({g.geom_type for g in geoms[lost]}))
+    if lost.all():
+        raise LabelError(
+            f"labels {[str(p) for p in paths][:3]} hold {kinds} geometries; training labels must be polygons or boxes "
+            "(buffer points by the object's radius, or draw outlines)"
+        )
+    log.warning("%d of %d labels are %s, not polygons or boxes; they are ignored", int(lost.sum()), len(geoms), kinds)
 
 
 def _polygonal(geom: BaseGeometry) -> BaseGeometry:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +20,18 @@ from geomask.export import check_writable, to_frame, write_output
 from geomask.inference import TileFailure, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_across_tiles
-from geomask.raster import Grid, NormStats, RasterInfo, RasterReader, compute_norm_stats, inspect_raster, resolve_bands, working_grid
+from geomask.raster import (
+    Grid,
+    NormStats,
+    RasterInfo,
+    RasterReader,
+    compute_norm_stats,
+    describe_resampling,
+    inspect_raster,
+    resample_factor,
+    resolve_bands,
+    working_grid,
+)
 from geomask.shape import ShapeRule, shape_features
 from geomask.tiling import Tile, default_overlap_px, plan_tiles
 from geomask.vectorize import Feature, sort_features, vectorize_instances
@@ -67,6 +78,19 @@ def check_channels(plan: RasterPlan, detector_name: str, hints: ModelHints) -> N
     raise DetectorError(f"{where}; {fix}")
 
 
+MILD_RESAMPLING = 1.5  # beyond this (either way) a run is allowed but warned about: the model sees imagery unlike its training
+
+
+def warn_resampling(plan: RasterPlan) -> None:
+    """Warn once per raster when its working grid is more than 1.5x finer or coarser than the source."""
+    if plan.grid.resampled:
+        f = resample_factor(plan.info, plan.grid.gsd_m)
+        if max(f, 1.0 / f) > MILD_RESAMPLING:
+            log.warning(
+                "%s: %s; results are best on imagery near the model's GSD", plan.info.path, describe_resampling(plan.info, plan.grid.gsd_m)
+            )
+
+
 @dataclass
 class RunSummary:
     """What a run did, for logs and the CLI's closing line."""
@@ -76,9 +100,29 @@ class RunSummary:
     n_tiles_skipped: int = 0
     n_instances: int = 0
     n_features: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, model load included
+    load_seconds: float = 0.0  # of which building the detector (loading the model)
     run_id: str = ""
     failures: list[TileFailure] = field(default_factory=list)
+
+
+class SerialProgress:
+    """Log tiles done/total and the rate every ``every_s`` seconds, as the Dask path does, so a long serial run is never silent."""
+
+    def __init__(self, source: str, total: int, every_s: float):
+        self.source, self.total, self.every_s = source, total, every_s
+        self.done = 0
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, tiles: int) -> None:
+        self.done += tiles
+        now = time.perf_counter()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            rate = self.done / (now - self.start) if now > self.start else 0.0
+            log.info(
+                "%s: tiles %d/%d (%.0f%%), %.2f tiles/s", self.source, self.done, self.total, 100.0 * self.done / max(1, self.total), rate
+            )
 
 
 def build_detector(config: Config) -> Detector:
@@ -112,7 +156,7 @@ def resolve_config(config: Config, hints: ModelHints) -> Config:
 def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     """Inspect a raster, fix its working grid, normalisation and tiles (resolved ``config`` expected)."""
     info = inspect_raster(path)
-    grid = working_grid(info, config.raster.gsd_m)
+    grid = working_grid(info, config.raster.gsd_m, config.raster.max_resample_factor)
     bands = resolve_bands(info, config.raster.bands)
     norm = config.raster.normalize
     stats = compute_norm_stats(info, grid, bands, norm.mode, norm.percentiles, norm.sample_windows, norm.sample_size_px)
@@ -140,11 +184,13 @@ class Detections:
     failures: list[TileFailure] = field(default_factory=list)
 
 
-def detect_tiles(plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int) -> Detections:
+def detect_tiles(
+    plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int, progress: Callable[[int], None] | None = None
+) -> Detections:
     """Read, detect and clean every tile in ``tiles`` (:func:`geomask.inference.run_tiles`)."""
     found: list[Instance] = []
     with plan.reader() as reader:
-        run = run_tiles(reader, tiles, detector, batch_size, found.extend)
+        run = run_tiles(reader, tiles, detector, batch_size, found.extend, progress=progress)
     return Detections(found, run.n_skipped, run.failures)
 
 
@@ -192,12 +238,19 @@ def shape_plan(plan: RasterPlan, feats: Sequence[Feature], classes: Sequence[str
     return sort_features(shape_features(feats, plan.grid.transform, plan.info.crs, rules, default, traced))
 
 
-def predict_raster(path: str | Path, config: Config, detector: Detector) -> tuple[RasterPlan, list[Feature], RunSummary]:
-    """Run every step on one raster in this process; return the plan, features and a summary."""
+def predict_raster(
+    path: str | Path, config: Config, detector: Detector, progress_every_s: float | None = None
+) -> tuple[RasterPlan, list[Feature], RunSummary]:
+    """Run every step on one raster in this process; return the plan, features and a summary.
+
+    ``progress_every_s`` logs tiles done/total and the rate that often (``None``: no progress lines).
+    """
     t0 = time.perf_counter()
     plan = plan_raster(path, resolve_config(config, detector.hints))
     check_channels(plan, detector.name, detector.hints)
-    found = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size)
+    warn_resampling(plan)
+    progress = SerialProgress(str(path), len(plan.tiles), progress_every_s) if progress_every_s is not None else None
+    found = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size, progress)
     instances = found.instances
     merged = merge_across_tiles(instances, plan.tiles, plan.config.merge.ios_threshold)
     feats = shape_plan(plan, vectorize_plan(plan, merged), detector.classes)
@@ -218,19 +271,31 @@ def new_run_id() -> str:
 
 
 def run_serial(
-    path: str | Path, output: str | Path, config: Config, detector: Detector | None = None, overwrite: bool = False
+    path: str | Path,
+    output: str | Path,
+    config: Config,
+    detector: Detector | None = None,
+    overwrite: bool = False,
+    progress_every_s: float | None = None,
 ) -> RunSummary:
     """Predict one raster to one output file in this process (no Dask).
 
     ``overwrite`` replaces an existing output (in a GeoPackage: geomask's layer); without it an
     existing one stops the run before the model is loaded (:func:`geomask.export.check_writable`).
+    The summary's time covers the whole run, the model load (``load_seconds``) included.
     """
+    t0 = time.perf_counter()
     check_writable(output, config.export.layer, overwrite)
     inspect_raster(path)  # fail on bad input before the (slow) model load
+    if detector is None:
+        log.info("loading the model (%s)", config.detector.options.get("weights") or config.detector.factory)
+    t_load = time.perf_counter()
     det = detector if detector is not None else build_detector(config)
-    plan, feats, summary = predict_raster(path, config, det)
+    load_seconds = time.perf_counter() - t_load
+    plan, feats, summary = predict_raster(path, config, det, progress_every_s)
     summary.run_id = new_run_id()
     frame = to_frame(feats, det.classes, plan.info.crs, Path(plan.info.path).name, det.name, summary.run_id)
     summary.output = write_output(frame, output, plan.config, overwrite)
+    summary.seconds, summary.load_seconds = time.perf_counter() - t0, load_seconds
     log.info("%s: %d objects from %d tiles in %.1f s", path, summary.n_features, summary.n_tiles, summary.seconds)
     return summary

@@ -36,6 +36,9 @@ _GEOD = Geod(ellps="WGS84")
 # flat whatever the image size (tiles are read once, so a large cache buys little).
 GDAL_CACHE_BYTES = 64 * 1024 * 1024
 SUPPORTED_DTYPES = ("uint8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+# A working grid wider or taller than this is a units slip (raster.gsd_m: 0.0001), not imagery: refused
+# before any allocation, whatever raster.max_resample_factor allows.
+MAX_WORKING_SIDE_PX = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,13 @@ class RasterInfo:
     transform: Affine
     nodata: float | None
     gsd_m: float
+    # Ground size of one pixel along columns and rows (metres); None: square pixels of gsd_m.
+    pixel_size_m: tuple[float, float] | None = None
+
+    @property
+    def square_pixels(self) -> bool:
+        """Whether a pixel is as wide as it is tall on the ground (within 2 %)."""
+        return self.pixel_size_m is None or math.isclose(*self.pixel_size_m, rel_tol=0.02)
 
     @property
     def crs_wkt(self) -> str:
@@ -105,8 +115,8 @@ class NormStats:
         return out
 
 
-def ground_sample_distance_m(crs: CRS, transform: Affine, width: int, height: int) -> float:
-    """Return the ground size of one pixel in metres, measured geodesically at the raster centre.
+def pixel_size_m(crs: CRS, transform: Affine, width: int, height: int) -> tuple[float, float]:
+    """Return the ground size of one pixel along its columns and its rows in metres, measured geodesically at the raster centre.
 
     Geodesic measurement makes this right for geographic CRSs and for Web Mercator (whose nominal
     metres are 1/cos(latitude) too large) alike.
@@ -117,7 +127,7 @@ def ground_sample_distance_m(crs: CRS, transform: Affine, width: int, height: in
     (lon0, lat0), (lon1, lat1), (lon2, lat2) = (to_lonlat.transform(x, y) for x, y in pts)
     _, _, dx = _GEOD.inv(lon0, lat0, lon1, lat1)
     _, _, dy = _GEOD.inv(lon0, lat0, lon2, lat2)
-    return float(math.sqrt(abs(dx * dy)))
+    return abs(float(dx)), abs(float(dy))
 
 
 def inspect_raster(path: str | Path) -> RasterInfo:
@@ -125,6 +135,8 @@ def inspect_raster(path: str | Path) -> RasterInfo:
     p = str(path)
     if not Path(p).exists() and "://" not in p:
         raise RasterReadError(f"input {p!r} does not exist; check the path")
+    if Path(p).is_dir():
+        raise RasterReadError(f"input {p!r} is a folder, not a raster; give its files, e.g. '{Path(p) / '*.tif'}' (quoted)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
@@ -142,6 +154,7 @@ def inspect_raster(path: str | Path) -> RasterInfo:
             raise RasterContentError(f"{p} has no geotransform; georeference it before running geomask")
         _probe_blocks(src, p)
         crs = CRS.from_user_input(src.crs.to_wkt())
+        size = pixel_size_m(crs, src.transform, src.width, src.height)
         return RasterInfo(
             path=p,
             width=src.width,
@@ -151,7 +164,8 @@ def inspect_raster(path: str | Path) -> RasterInfo:
             crs=crs,
             transform=src.transform,
             nodata=src.nodata,
-            gsd_m=ground_sample_distance_m(crs, src.transform, src.width, src.height),
+            gsd_m=math.sqrt(size[0] * size[1]),
+            pixel_size_m=size,
         )
 
 
@@ -164,15 +178,55 @@ def _probe_blocks(src: rasterio.DatasetReader, path: str) -> None:
         raise RasterReadError(f"{path} is corrupt or truncated ({first_line(err)}); re-export or re-download it") from None
 
 
-def working_grid(info: RasterInfo, gsd_m: float | None) -> Grid:
-    """Return the working grid at ``gsd_m`` metres per pixel (``None``: the native grid)."""
-    if gsd_m is None or math.isclose(gsd_m, info.gsd_m, rel_tol=0.02):
+def working_grid(info: RasterInfo, gsd_m: float | None, max_resample_factor: float | None = None) -> Grid:
+    """Return the working grid at ``gsd_m`` metres per pixel (``None``: the native grid).
+
+    The grid is square at ``gsd_m`` even when the source pixels are not (a 2:1 pixel would otherwise
+    reach the model squashed, and it finds a quarter of the objects).
+
+    Raises:
+        RasterContentError: The grid would be more than ``max_resample_factor`` times finer or coarser
+            than the source along an axis, or wider or taller than :data:`MAX_WORKING_SIDE_PX`.
+    """
+    if gsd_m is None or (info.square_pixels and math.isclose(gsd_m, info.gsd_m, rel_tol=0.02)):
         return Grid(info.width, info.height, info.transform, 1.0, 1.0, info.gsd_m)
-    factor = gsd_m / info.gsd_m
-    width = max(1, round(info.width / factor))
-    height = max(1, round(info.height / factor))
+    px, py = info.pixel_size_m if info.pixel_size_m is not None and not info.square_pixels else (info.gsd_m, info.gsd_m)
+    width = max(1, round(info.width * px / gsd_m))
+    height = max(1, round(info.height * py / gsd_m))
+    check_resampling(info, gsd_m, (width, height), max_resample_factor)
     sx, sy = info.width / width, info.height / height
     return Grid(width, height, info.transform @ Affine.scale(sx, sy), sx, sy, info.gsd_m * math.sqrt(sx * sy))
+
+
+def resample_factor(info: RasterInfo, gsd_m: float) -> float:
+    """Return how far the working grid at ``gsd_m`` is from the source: > 1 finer (upsampled), < 1 coarser, the worse axis."""
+    px, py = info.pixel_size_m or (info.gsd_m, info.gsd_m)
+    up, down = max(px, py) / gsd_m, min(px, py) / gsd_m
+    return up if up >= 1.0 / down else down
+
+
+def describe_resampling(info: RasterInfo, gsd_m: float) -> str:
+    """Say how the source is resampled, naming both GSDs: ``"0.25 m/px source resampled to 0.3 m/px (1.2x coarser)"``."""
+    f = resample_factor(info, gsd_m)
+    times = max(f, 1.0 / f)
+    how = f"{times:.1f}x" if times < 10 else f"{times:.0f}x"
+    return f"{info.gsd_m:.3g} m/px source resampled to {gsd_m:.3g} m/px ({how} {'finer' if f >= 1.0 else 'coarser'})"
+
+
+def check_resampling(info: RasterInfo, gsd_m: float, size: tuple[int, int], max_factor: float | None) -> None:
+    """Refuse a working grid far from the source (a units slip, or imagery the model was not made for) before it is allocated."""
+    f = resample_factor(info, gsd_m)
+    if max_factor is not None and max(f, 1.0 / f) > max_factor:
+        raise RasterContentError(
+            f"{info.path}: {describe_resampling(info, gsd_m)}, beyond raster.max_resample_factor {max_factor:g}; "
+            f"check raster.gsd_m (a units slip?) or use a model made for {info.gsd_m:.3g} m imagery, "
+            f"or set raster.max_resample_factor: {math.ceil(max(f, 1.0 / f))} to allow it"
+        )
+    if max(size) > MAX_WORKING_SIDE_PX:
+        raise RasterContentError(
+            f"{info.path}: {describe_resampling(info, gsd_m)} makes a {size[0]}x{size[1]} px working grid, "
+            f"over {MAX_WORKING_SIDE_PX} px a side; check raster.gsd_m (metres per pixel)"
+        )
 
 
 def resolve_bands(info: RasterInfo, bands: list[int] | None) -> list[int]:
@@ -181,7 +235,11 @@ def resolve_bands(info: RasterInfo, bands: list[int] | None) -> list[int]:
         return list(range(1, min(info.count, 3) + 1))
     bad = [b for b in bands if not 1 <= b <= info.count]
     if bad:
-        raise RasterContentError(f"{info.path} has {info.count} band(s); raster.bands {bands} names {bad}; use 1..{info.count}")
+        if info.count == 1:  # gray or single-band 16-bit imagery: its band is repeated for an RGB model (raster.expand_gray)
+            fix = "set raster.bands: [1] (a single band is repeated to 3 for an RGB model)"
+        else:
+            fix = f"set raster.bands to bands 1..{info.count}, e.g. {list(range(1, min(info.count, len(bands)) + 1))}"
+        raise RasterContentError(f"{info.path} has {info.count} band(s) but raster.bands (or the model) asks for {bands}; {fix}")
     return list(bands)
 
 

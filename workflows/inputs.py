@@ -22,6 +22,8 @@ def _expand_one(spec: str, base: Path | None = None) -> list[Path]:
             raise RasterReadError(f"no file matches {spec!r}; check the pattern (quote it so the shell passes it on)")
         return found
     path = Path(text)
+    if path.is_dir():
+        raise RasterReadError(f"input {text!r} is a folder, not a raster; give its files, e.g. '{path / '*.tif'}' (quoted)")
     if not path.is_file():
         raise RasterReadError(f"input {text!r} does not exist; check the path")
     return [path]

@@ -27,7 +27,7 @@ from distributed import Client, Future, as_completed
 from geomask.config import Config
 from geomask.errors import DetectorError, ExportError, GeomaskError, first_line
 from geomask.export import to_frame, write_output
-from geomask.pipeline import RasterPlan, check_channels, new_run_id, resolve_config, shape_plan
+from geomask.pipeline import RasterPlan, check_channels, new_run_id, resolve_config, shape_plan, warn_resampling
 from geomask.vectorize import Feature
 from workflows.blocks import Block, BlockTree
 from workflows.inputs import OutputLayout
@@ -59,7 +59,8 @@ class JobSummary:
     n_tiles: int = 0
     n_tiles_skipped: int = 0
     n_objects: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # from planning to the last output written
+    model_seconds: float = 0.0  # loading the model on the workers, before that
     tasks_total: int = 0
     tasks_computed: int = 0
     tasks_loaded: int = 0
@@ -170,6 +171,7 @@ class _Job:
         plans = cast(list[RasterPlan], planned)
         for plan in plans:  # a wrong band selection would fail every tile: stop now, in one line, as --serial does
             check_channels(plan, info.name, info.hints)
+            warn_resampling(plan)  # on the client: a worker's log is not the user's
         names = [Path(p.info.path).name for p in plans]
         unique = len(set(names)) == len(names)
         if self.layout.combined is not None and len({p.info.crs for p in plans}) > 1:
@@ -379,7 +381,12 @@ def run_job(
         The summary; failures are listed there (and in ``run_dir/failures.jsonl``), not raised.
     """
     job = _Job(client, inputs, layout, config, store, progress_every_s)
+    n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
+    log.info("loading the model (%s) on %d worker(s)", config.detector.options.get("weights") or config.detector.factory, n_workers)
+    started = time.perf_counter()
     client.register_plugin(DetectorPlugin(config.detector.factory, config.detector.options), name=job.plugin_name)
+    job.summary.model_seconds = time.perf_counter() - started
+    log.info("model loaded in %.1f s", job.summary.model_seconds)
     try:
         return job.run()
     finally:

@@ -51,12 +51,14 @@ def config_hash(config: Config) -> str:
     """Hash the settings that change what tasks produce (not the cluster, the export format or the model).
 
     The model is hashed separately (:func:`model_hash`) so the refusal message can say which one changed.
-    ``dask.tiles_per_task`` is included because it decides which tiles a stored result holds.
+    ``dask.tiles_per_task`` is included because it decides which tiles a stored result holds; the rest of
+    ``dask`` and ``detector.batch_size`` (how many tiles one detector call takes: every tile is the same
+    size, so no batch pads another) only change how fast, so changing them keeps a run folder resumable.
     """
     data = config.model_dump(mode="json")
     data.pop("export")
     data["dask"] = {"tiles_per_task": config.dask.tiles_per_task}
-    data["detector"] = {"batch_size": config.detector.batch_size}
+    data.pop("detector")  # factory and options are the model's hash; batch_size does not change results
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

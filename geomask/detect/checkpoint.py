@@ -193,20 +193,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise WeightsError(
             f"weights file {str(p)!r} does not exist; give a checkpoint from `geomask train` or omit --weights for the bundled model"
         )
+    unreadable = f"{p} is not a readable PyTorch checkpoint"
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # garbage, not objects: torch reports both as unpickling errors
-            raise WeightsError(
-                f"{p} is not a readable PyTorch checkpoint ({_first_line(err)}); it may be truncated or not a .pt file"
-            ) from None
+            raise WeightsError(f"{unreadable} ({_first_line(err)}); it may be truncated or not a .pt file") from None
         raise WeightsError(
-            f"{p} holds pickled Python objects, which geomask refuses to load ({_first_line(err)}); save a plain state dict instead"
+            f"{p} holds pickled Python objects ({_first_line(err)}), which could run arbitrary code; "
+            "geomask loads only weights-only checkpoints: save a plain state dict or a `geomask train` checkpoint"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise WeightsError(
-            f"{p} is not a readable PyTorch checkpoint ({_first_line(err)}); it may be truncated or not a .pt file"
-        ) from None
+        raise WeightsError(f"{unreadable} ({_first_line(err)}); it may be truncated or not a .pt file") from None
+    except Exception as err:  # noqa: BLE001 - random bytes make torch's weights-only unpickler fail in any way (KeyError, IndexError, ...); no code ran
+        raise WeightsError(f"{unreadable} ({first_line(err, 200, with_type=True)}); it may be truncated or not a .pt file") from None
     return checkpoint_from_data(data, str(p))
 
 

@@ -149,15 +149,17 @@ def evaluate(
 
     Predictions are reprojected to the truth's CRS. Matching is one-to-one at IoU >= --iou.
     """
-    from geomask.evaluate import check_iou, evaluate_frames, read_layer
+    from geomask.evaluate import check_iou, check_layers, evaluate_frames, read_layer
     from geomask.export import check_file_writable
 
     check_iou(iou_threshold)
     if json_path:  # before the (possibly long) matching
         check_file_writable(json_path, overwrite)
+    pred_frame, truth_frame = read_layer(pred, pred_layer), read_layer(truth, truth_layer)
+    check_layers(pred_frame, truth_frame, pred, truth)
     result = evaluate_frames(
-        read_layer(pred, pred_layer),
-        read_layer(truth, truth_layer),
+        pred_frame,
+        truth_frame,
         iou_threshold=iou_threshold,
         box=box,
         ignore=read_layer(ignore_path) if ignore_path else None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -103,10 +104,11 @@ def predict(
         targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
         failed: list[tuple[Path, TileFailure]] = []
         for src, out in targets.items():
-            summary = run_serial(src, out, cfg, overwrite=layout.may_replace(out))
+            summary = run_serial(src, out, cfg, overwrite=layout.may_replace(out), progress_every_s=progress_every)
             failed += [(src, f) for f in summary.failures]
             click.echo(
-                f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s, "
+                f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s "
+                f"(model load {summary.load_seconds:.1f} s), "
                 f"{len(summary.failures)} failed tiles -> {summary.output}"
             )
         if failed:  # the same semantics as the Dask path: everything else is written, exit code 3
@@ -136,14 +138,17 @@ def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str
 
     root = logging.getLogger().getEffectiveLevel()
     logging.getLogger("distributed").setLevel(max(root, logging.WARNING) if root > logging.DEBUG else root)  # -vv shows Dask's own log
+    started = time.perf_counter()
     with connect(cfg.dask) as client:
+        cluster_seconds = time.perf_counter() - started
         if client.dashboard_link and cfg.dask.dashboard and not logging.getLogger("workflows.cluster").isEnabledFor(logging.INFO):
             click.echo(f"dashboard: {client.dashboard_link}", err=True)
         summary = run_job(client, paths, layout, cfg, store, progress_every)
     outputs = ", ".join(str(p) for p in summary.outputs) or "nothing"
     click.echo(
         f"{summary.n_objects} objects from {summary.n_tiles} tiles of {summary.n_inputs} input(s) in {summary.seconds:.1f} s "
-        f"({summary.tiles_per_s:.1f} tiles/s; {summary.tasks_computed} tasks computed, {summary.tasks_loaded} resumed), "
+        f"({summary.tiles_per_s:.1f} tiles/s; {summary.tasks_computed} tasks computed, {summary.tasks_loaded} resumed; "
+        f"before that: cluster start {cluster_seconds:.1f} s, model load {summary.model_seconds:.1f} s), "
         f"{summary.failed_tiles} failed tiles -> {outputs}"
     )
     if summary.failures:
