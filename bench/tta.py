@@ -21,7 +21,8 @@ import torch
 
 from geomask.config import Config
 from geomask.detect.base import TileImage
-from geomask.detect.maskrcnn import TTA_CHOICES, build
+from geomask.detect.maskrcnn import build
+from geomask.detect.tta import TTA_CHOICES
 from geomask.pipeline import plan_raster, resolve_config
 
 DEFAULT_IMAGE = (

@@ -12,7 +12,8 @@ from torchvision.ops import box_iou
 
 from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
 from geomask.detect.checkpoint import CheckpointMeta, save_checkpoint
-from geomask.detect.maskrcnn import ARCHS, MaskRCNNDetector, build, build_model, fuse_views
+from geomask.detect.maskrcnn import ARCHS, MaskRCNNDetector, build, build_model
+from geomask.detect.tta import fuse_views
 from geomask.errors import DetectorError
 from geomask.instances import Instance
 from geomask.tiling import Tile
