@@ -1,9 +1,10 @@
 """``geomask predict``: images in, polygons out, on Dask by default.
 
-Exit codes: 0 when every tile was processed; 2 for a usage, config or input error (nothing is done);
-3 when the job finished and wrote its outputs but some tiles failed for a data reason (they are listed
-in ``RUN_DIR/failures.jsonl``, or in the log without ``--run-dir``, and redone by the next run with the
-same ``--run-dir``).
+Exit codes (all of them in :mod:`workflows.exits`): 0 when every tile was processed; 2 for a usage,
+config or input error (nothing is done); 3 when the job finished and wrote its outputs but some tiles
+failed for a data reason (they are listed in ``RUN_DIR/failures.jsonl``, or in the log without
+``--run-dir``, and redone by the next run with the same ``--run-dir``); 4 lost scheduler, 5 stalled,
+130 Ctrl-C, 143 SIGTERM: nothing written, finished work kept in ``--run-dir``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ import click
 from geomask.config import DEFAULT_DETECTOR, Config, merge_overrides
 from geomask.inference import TileFailure
 from geomask.pipeline import run_serial
+from workflows.exits import EXIT_FAILURES
 from workflows.inputs import OutputLayout, expand_inputs, plan_outputs
 
 log = logging.getLogger("geomask")
-EXIT_FAILURES = 3
 
 
 @click.command()
@@ -42,6 +43,11 @@ EXIT_FAILURES = 3
 @click.option("--scheduler", help="Address of a running Dask scheduler, e.g. tcp://head:8786 (dask.address); default: a local cluster.")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the local cluster (dask.n_workers).")
 @click.option("--tiles-per-task", type=click.IntRange(min=1), help="Tiles per Dask task (dask.tiles_per_task).")
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0),
+    help="Stop (exit 5) when no task finished for this many seconds, naming the stuck workers; 0: never (dask.stall_timeout_s).",
+)
 @click.option("--gpu/--no-gpu", default=None, help="Run inference tasks on workers that offer resources GPU=1 (dask.gpu).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Folder that keeps finished tasks; re-run the same command to resume.")
 @click.option("--fresh", is_flag=True, help="Discard what --run-dir holds and start again.")
@@ -66,6 +72,7 @@ def predict(
     scheduler: str | None,
     workers: int | None,
     tiles_per_task: int | None,
+    stall_timeout: float | None,
     gpu: bool | None,
     run_dir: str | None,
     fresh: bool,
@@ -86,6 +93,7 @@ def predict(
             "dask.n_workers": workers,
             "dask.tiles_per_task": tiles_per_task,
             "dask.gpu": gpu,
+            "dask.stall_timeout_s": stall_timeout,
         },
     )
     if overlap is not None:  # in pixels, replacing an overlap in metres from the config
