@@ -15,6 +15,7 @@ from distributed import Client, LocalCluster
 
 from geomask.config import load_config, merge_overrides
 from geomask.errors import ConfigError, ExportError
+from geomask.pipeline import run_serial
 from tests.test_dask_support import SLOW, make_inputs, polygons, serial_polygons, write_config
 from workflows.inputs import plan_outputs
 from workflows.job import JobSummary, run_job
@@ -141,12 +142,25 @@ def test_data_failures_are_recorded_and_redone_on_resume(
     ledger = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
     assert sorted(e["tile"] for e in ledger) == bad_tiles and "unreadable garbage" in ledger[0]["error"]
     assert polygons(tmp_path / "o.gpkg") != reference[0]  # written, but missing what the bad tiles held
+    # objects touching the bad tiles are marked partial, exactly as the serial path marks them
+    run_serial(image, tmp_path / "s.gpkg", load_config(config))
+    marked = [_partial(tmp_path / name) for name in ("o.gpkg", "s.gpkg")]
+    assert marked[0] == marked[1] and 0 < sum(p for _, p in marked[0]) < len(marked[0])
     flag.rmdir()
     second = _run(client, image, config, tmp_path / "o.gpkg", run_dir)
     assert not second.failures
     assert (second.tasks_computed, second.tasks_loaded) == (2, 14)
     assert polygons(tmp_path / "o.gpkg") == reference[0]
+    assert not any(p for _, p in _partial(tmp_path / "o.gpkg"))
     assert (run_dir / "failures.jsonl").read_text() == ""
+
+
+def _partial(path: Path) -> list[tuple[str, bool]]:
+    import pyogrio
+    import shapely
+
+    frame = pyogrio.read_dataframe(path)
+    return sorted(zip(shapely.to_wkb(shapely.normalize(frame.geometry.values), hex=True), frame["partial"].astype(bool), strict=True))
 
 
 def test_resume_refuses_a_changed_config_or_model(client: Client, scenes: list[tuple[Path, Path]], tmp_path: Path) -> None:

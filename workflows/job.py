@@ -34,7 +34,7 @@ from distributed import Client, Future, as_completed, wait
 from geomask.config import Config
 from geomask.errors import DetectorError, ExportError, GeomaskError, first_line
 from geomask.export import to_frame, write_output
-from geomask.pipeline import RasterPlan, check_channels, new_run_id, resolve_config, shape_plan
+from geomask.pipeline import RasterPlan, check_channels, mark_partial, new_run_id, resolve_config, shape_plan
 from geomask.vectorize import Feature
 from workflows.blocks import Block, BlockTree
 from workflows.exits import SchedulerLost, Stalled
@@ -133,6 +133,7 @@ class _Input:
     results: dict[Block, BlockResult] = field(default_factory=dict)
     complete: dict[Block, bool] = field(default_factory=dict)
     features: list[Feature] = field(default_factory=list)
+    failed_tiles: set[int] = field(default_factory=set)  # whose objects are marked partial
 
     @property
     def n_blocks(self) -> int:
@@ -285,6 +286,8 @@ class _Job:
         inp.complete[block] = complete
         inp.features += result.features
         self.summary.failures += result.failures
+        for failure in result.failures:  # a failed merge lost the open pieces of its whole block
+            inp.failed_tiles.update([failure.tile] if failure.tile >= 0 else inp.tree.tile_indexes(block))
         if block.level == 0:
             self.summary.n_tiles += result.n_tiles
             self.summary.n_tiles_skipped += result.n_skipped
@@ -324,7 +327,7 @@ class _Job:
         return BlockResult(failures=[Failure(str(inp.path), block.key, -1, "merge", reason)])
 
     def _finish_input(self, inp: _Input) -> None:
-        feats = shape_plan(inp.plan, inp.features, self.info.classes)
+        feats = mark_partial(inp.plan, shape_plan(inp.plan, inp.features, self.info.classes), inp.failed_tiles)
         inp.features = []
         inp.results.clear()
         self.summary.n_objects += len(feats)
