@@ -55,6 +55,8 @@ from workflows.tasks import (
 
 log = logging.getLogger(__name__)
 MERGE_PRIORITY = 1_000_000  # merges jump the queue: they free the driver's memory and finish inputs early
+SETUP_STALL_S = 120.0  # the least the watchdog gives the first tasks: a worker builds the model first (imports, weights, CUDA)
+UNREGISTER_S = 10.0  # how long the job waits for the workers to drop its detector plugin
 POLL_S = 0.05  # how long the loop waits for a result before it checks the client and the stall clock
 STUCK_SHOWN = 4  # task keys named per worker in the stall message
 
@@ -169,6 +171,7 @@ class _Job:
         self.frames: list[Any] = []
         self.address = str(getattr(client.scheduler, "address", "?"))
         self.stall_s = config.dask.stall_timeout_s or float("inf")
+        self.setup_stall_s = max(self.stall_s, SETUP_STALL_S)
         self.kept = (
             f"finished work is in {store.root} (--run-dir); re-run the same command to resume"
             if store is not None
@@ -185,14 +188,14 @@ class _Job:
     def _result(self, fut: Future[Any], what: str) -> Any:
         """Wait for one early future (describe, plan) with the same watchdog as the main loop."""
         try:
-            cast(Any, wait)([fut], timeout=None if self.stall_s == float("inf") else self.stall_s)
+            cast(Any, wait)([fut], timeout=None if self.stall_s == float("inf") else self.setup_stall_s)
             return fut.result()
         except CancelledError:
             self._check_client()
             raise SchedulerLost(f"the Dask scheduler at {self.address} dropped {what} (restarted?); {self.kept}") from None
         except TimeoutError:
             self._check_client()
-            raise self._stalled(f"{what} did not finish within {self.stall_s:.0f} s") from None
+            raise self._stalled(f"{what} did not finish within {self.setup_stall_s:.0f} s") from None
 
     def _stalled(self, head: str) -> Stalled:
         """Describe where the job is stuck: tasks per worker, or no worker at all; and what to do."""
@@ -465,6 +468,8 @@ def run_job(
     finally:
         try:
             if client.status == "running":  # a lost scheduler cannot be asked, and asking would wait for it
-                cast(Any, client).unregister_worker_plugin(job.plugin_name)
-        except Exception as err:  # noqa: BLE001 - leaving the plugin behind on a cluster is harmless
+                # Bounded: the scheduler waits for every worker's answer, and a frozen one never gives it.
+                c = cast(Any, client)
+                c.sync(c._unregister_worker_plugin, name=job.plugin_name, nanny=None, callback_timeout=UNREGISTER_S)
+        except Exception as err:  # noqa: BLE001 - a plugin left behind costs memory on the workers that missed it, no more
             log.debug("could not unregister %s: %s", job.plugin_name, err)
