@@ -30,6 +30,7 @@ from typing import Any, cast
 
 import pandas as pd
 from distributed import Client, Future, as_completed, wait
+from rasterio.windows import Window
 
 from geomask.config import Config
 from geomask.errors import DetectorError, ExportError, GeomaskError, first_line
@@ -361,7 +362,10 @@ class _Job:
         self.summary.tasks_total = sum(len(inp.tree.tasks) for inp in inputs)
         self.progress = Progress(total_tiles, self.progress_every_s)
         for inp in inputs:
+            self._discard_repaired(inp)
             self._start_input(inp)
+        if self.store is not None:
+            self.store.commit()
         n_threads = sum(w["nthreads"] for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
         log.info(
             "%d input(s), %d tiles in %d detect tasks (%d already in the run dir)",
@@ -420,6 +424,27 @@ class _Job:
             len(result.open),
         )
         self._deliver(inp, block, result, computed=True)
+
+    def _discard_repaired(self, inp: _Input) -> None:
+        """Delete the stored blocks that read any pixel of a repaired input's failed tiles, and their merges."""
+        failed = self.store.repaired.get(inp.id, set()) if self.store is not None else set()
+        if not failed or self.store is None:
+            return
+        reads = [inp.plan.tiles[t].read for t in failed if 0 <= t < len(inp.plan.tiles)]
+
+        def overlaps(a: Window, b: Window) -> bool:
+            cols = int(a.col_off) < int(b.col_off + b.width) and int(b.col_off) < int(a.col_off + a.width)
+            return cols and int(a.row_off) < int(b.row_off + b.height) and int(b.row_off) < int(a.row_off + a.height)
+
+        stale: set[Block] = set()
+        for block in inp.tree.tasks:
+            if any(overlaps(inp.plan.tiles[t].read, r) for t in inp.tree.tile_indexes(block) for r in reads):
+                parent: Block | None = block
+                while parent is not None and parent not in stale:
+                    stale.add(parent)
+                    parent = inp.tree.parent(parent)
+        log.info("%s was repaired: %d stored block(s) that read its failed tiles are redone", inp.path, len(stale))
+        self.store.discard(inp.id, [b.key for b in stale])
 
     def _start_input(self, inp: _Input) -> None:
         """Load what the run folder holds, queue the detect tasks that are missing, start ready merges."""

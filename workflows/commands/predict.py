@@ -52,6 +52,12 @@ log = logging.getLogger("geomask")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Folder that keeps finished tasks; re-run the same command to resume.")
 @click.option("--fresh", is_flag=True, help="Discard what --run-dir holds and start again.")
 @click.option(
+    "--accept-repaired",
+    is_flag=True,
+    help="Resume although inputs changed on disk, if --run-dir's failure ledger names them (you repaired them): "
+    "their failed tiles and every stored block that read those pixels are redone.",
+)
+@click.option(
     "--overwrite",
     is_flag=True,
     help="Replace existing outputs (in a GeoPackage only geomask's layer, export.layer; other layers are kept).",
@@ -76,6 +82,7 @@ def predict(
     gpu: bool | None,
     run_dir: str | None,
     fresh: bool,
+    accept_repaired: bool,
     overwrite: bool,
     fmt: str,
     progress_every: float,
@@ -108,8 +115,8 @@ def predict(
         owned = recorded_outputs(Path(run_dir))
     layout = plan_outputs(output, paths, fmt, cfg.export.layer, overwrite, owned)
     if serial:
-        if scheduler or workers or run_dir or fresh:
-            raise click.UsageError("--serial runs in this process; drop --scheduler/--workers/--run-dir/--fresh")
+        if scheduler or workers or run_dir or fresh or accept_repaired:
+            raise click.UsageError("--serial runs in this process; drop --scheduler/--workers/--run-dir/--fresh/--accept-repaired")
         if layout.per_input is None and len(paths) > 1:
             raise click.UsageError("several inputs into one file need the Dask workflow; drop --serial or give a folder (-o out/)")
         targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
@@ -127,7 +134,7 @@ def predict(
             click.echo(f"geomask: {len(failed)} tile(s) failed (first: {failed[0][1].error}); see the log above", err=True)
             sys.exit(EXIT_FAILURES)
         return
-    _run_dask(cfg, paths, layout, run_dir, fresh, progress_every)
+    _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, accept_repaired)
 
 
 def _with_detector_options(cfg: Config, weights: str | None, device: str | None) -> Config:
@@ -142,7 +149,15 @@ def _with_detector_options(cfg: Config, weights: str | None, device: str | None)
     return merge_overrides(cfg, {"detector.options": options})
 
 
-def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str | None, fresh: bool, progress_every: float) -> None:
+def _run_dask(
+    cfg: Config,
+    paths: list[Path],
+    layout: OutputLayout,
+    run_dir: str | None,
+    fresh: bool,
+    progress_every: float,
+    accept_repaired: bool = False,
+) -> None:
     from geomask.raster import inspect_raster
     from workflows.cluster import connect
     from workflows.job import run_job
@@ -150,7 +165,7 @@ def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str
 
     for path in paths:  # bad inputs fail here, in one line, before a cluster starts (workers check again when planning)
         inspect_raster(path)
-    store = open_run_dir(Path(run_dir), paths, cfg, fresh) if run_dir else None
+    store = open_run_dir(Path(run_dir), paths, cfg, fresh, accept_repaired) if run_dir else None
 
     root = logging.getLogger().getEffectiveLevel()
     logging.getLogger("distributed").setLevel(max(root, logging.WARNING) if root > logging.DEBUG else root)  # -vv shows Dask's own log
