@@ -155,6 +155,7 @@ class DaskConfig(_Model):
     tiles_per_task: int = Field(16, ge=1)
     retries: int = Field(2, ge=0)
     dashboard: bool = True
+    stall_timeout_s: float = Field(600.0, ge=0, description="stop (exit 5) when no task finished for this long; 0 = never")
 
 
 class Config(_Model):

@@ -32,7 +32,7 @@ from geomask.config import Config, dump_config
 from geomask.errors import ExportError, first_line
 from geomask.vectorize import Feature
 
-FIELDS = ("class_id", "class", "score", "area_m2", "perim_m", "shape", "source", "model", "run_id")
+FIELDS = ("class_id", "class", "score", "area_m2", "perim_m", "shape", "partial", "source", "model", "run_id")
 PARQUET = "Parquet"  # written by pyarrow (geopandas), not by an OGR driver: Debian's GDAL has none
 
 
@@ -195,6 +195,7 @@ def to_frame(
         "area_m2": [round(f.area_m2, 3) for f in feats],
         "perim_m": [round(f.perim_m, 3) for f in feats],
         "shape": [f.shape for f in feats],
+        "partial": [f.partial for f in feats],
         "source": [source] * len(feats),
         "model": [model] * len(feats),
         "run_id": [run_id] * len(feats),

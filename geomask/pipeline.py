@@ -6,12 +6,15 @@ inside Dask tasks, so the serial and distributed paths share every line that tou
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import shapely
 
 from geomask.config import Config, ShapeClassConfig, merge_overrides
 from geomask.detect.base import Detector, ModelHints, load_detector
@@ -238,6 +241,28 @@ def shape_plan(plan: RasterPlan, feats: Sequence[Feature], classes: Sequence[str
     return sort_features(shape_features(feats, plan.grid.transform, plan.info.crs, rules, default, traced))
 
 
+def mark_partial(plan: RasterPlan, feats: Sequence[Feature], failed_tiles: Iterable[int]) -> list[Feature]:
+    """Set ``partial`` on the features that touch the core of a failed tile (tile indexes of ``plan``).
+
+    A failed tile's pixels were never detected, so an object reaching into its core is only the part the
+    neighbouring tiles saw: kept (a truncated building is still evidence) but marked, so that it can be
+    filtered out or checked. A core is the part of the raster only that tile owns (cores partition it),
+    so an object that touches no failed core was seen whole. Cores are mapped to map coordinates with
+    the working grid's affine (corners, so rotated grids are exact).
+    """
+    windows = [plan.tiles[i].core for i in sorted(set(failed_tiles)) if 0 <= i < len(plan.tiles)]
+    if not windows:
+        return list(feats)
+    t = plan.grid.transform
+    boxes = []
+    for w in windows:
+        c0, r0, c1, r1 = w.col_off, w.row_off, w.col_off + w.width, w.row_off + w.height
+        boxes.append(shapely.Polygon([t @ (c0, r0), t @ (c1, r0), t @ (c1, r1), t @ (c0, r1)]))
+    failed = shapely.union_all(boxes)
+    shapely.prepare(failed)
+    return [dataclasses.replace(f, partial=True) if failed.intersects(f.geometry) else f for f in feats]
+
+
 def predict_raster(
     path: str | Path, config: Config, detector: Detector, progress_every_s: float | None = None
 ) -> tuple[RasterPlan, list[Feature], RunSummary]:
@@ -254,6 +279,7 @@ def predict_raster(
     instances = found.instances
     merged = merge_across_tiles(instances, plan.tiles, plan.config.merge.ios_threshold)
     feats = shape_plan(plan, vectorize_plan(plan, merged), detector.classes)
+    feats = mark_partial(plan, feats, [f.tile for f in found.failures])
     summary = RunSummary(
         output=None,
         n_tiles=len(plan.tiles),

@@ -34,6 +34,7 @@ class Feature:
     area_m2: float
     perim_m: float
     shape: str = "pixel"  # what the shape stage did (``geomask.shape``): pixel, simplify, orthogonal, ..., fallback
+    partial: bool = False  # touches a tile that failed: the object may be cut off there (``pipeline.mark_partial``)
 
 
 def mask_to_pixel_polygons(instance: Instance) -> MultiPolygon:

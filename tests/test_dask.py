@@ -15,6 +15,7 @@ from distributed import Client, LocalCluster
 
 from geomask.config import load_config, merge_overrides
 from geomask.errors import ConfigError, ExportError
+from geomask.pipeline import run_serial
 from tests.test_dask_support import SLOW, make_inputs, polygons, serial_polygons, write_config
 from workflows.inputs import plan_outputs
 from workflows.job import JobSummary, run_job
@@ -47,13 +48,15 @@ def client() -> Iterator[Client]:
         yield c
 
 
-def _run(client: Client, image: Path, config: Path, out: Path, run_dir: Path | None = None, **overrides: object) -> JobSummary:
+def _run(
+    client: Client, image: Path, config: Path, out: Path, run_dir: Path | None = None, accept_repaired: bool = False, **overrides: object
+) -> JobSummary:
     cfg = load_config(config)
     if overrides:
         cfg = merge_overrides(cfg, overrides)
     # Re-running with the same run folder replaces the outputs it wrote (as the CLI does), nothing else.
     owned = recorded_outputs(run_dir) if run_dir else frozenset()
-    store = open_run_dir(run_dir, [image], cfg) if run_dir else None
+    store = open_run_dir(run_dir, [image], cfg, accept_repaired=accept_repaired) if run_dir else None
     return run_job(client, [image], plan_outputs(str(out), [image], owned=owned), cfg, store, progress_every_s=1.0)
 
 
@@ -141,12 +144,51 @@ def test_data_failures_are_recorded_and_redone_on_resume(
     ledger = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
     assert sorted(e["tile"] for e in ledger) == bad_tiles and "unreadable garbage" in ledger[0]["error"]
     assert polygons(tmp_path / "o.gpkg") != reference[0]  # written, but missing what the bad tiles held
+    # objects touching the bad tiles are marked partial, exactly as the serial path marks them
+    run_serial(image, tmp_path / "s.gpkg", load_config(config))
+    marked = [_partial(tmp_path / name) for name in ("o.gpkg", "s.gpkg")]
+    assert marked[0] == marked[1] and 0 < sum(p for _, p in marked[0]) < len(marked[0])
     flag.rmdir()
     second = _run(client, image, config, tmp_path / "o.gpkg", run_dir)
     assert not second.failures
     assert (second.tasks_computed, second.tasks_loaded) == (2, 14)
     assert polygons(tmp_path / "o.gpkg") == reference[0]
+    assert not any(p for _, p in _partial(tmp_path / "o.gpkg"))
     assert (run_dir / "failures.jsonl").read_text() == ""
+
+
+def _partial(path: Path) -> list[tuple[str, bool]]:
+    import pyogrio
+    import shapely
+
+    frame = pyogrio.read_dataframe(path)
+    return sorted(zip(shapely.to_wkb(shapely.normalize(frame.geometry.values), hex=True), frame["partial"].astype(bool), strict=True))
+
+
+def test_a_repaired_input_redoes_its_failed_tiles_and_their_neighbours(
+    client: Client, scenes: list[tuple[Path, Path]], reference: list[list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    image, labels = scenes[0]
+    copy = tmp_path / image.name
+    copy.write_bytes(image.read_bytes())
+    flag = tmp_path / "broken"
+    flag.mkdir()
+    config = write_config(tmp_path / "c.yaml", labels, SLOW, fail_tiles=[2], fail_while=str(flag))
+    run_dir = tmp_path / "run"
+    assert [f.tile for f in _run(client, copy, config, tmp_path / "o.gpkg", run_dir).failures] == [2]
+    flag.rmdir()  # "repair" the file: rewrite it, so that it changes on disk
+    copy.write_bytes(image.read_bytes())
+    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(ConfigError, match="--accept-repaired"):
+        _run(client, copy, config, tmp_path / "o.gpkg", run_dir)
+    repaired = _run(client, copy, config, tmp_path / "o.gpkg", run_dir, accept_repaired=True)
+    assert not repaired.failures and polygons(tmp_path / "o.gpkg") == reference[0]
+    # tile 2 (block r0-c1) is redone, and block r0-c0, whose tile 1 reads some of tile 2's pixels; no other
+    assert (repaired.tasks_computed, repaired.tasks_loaded) == (2, 14)
+    # a change that the ledger cannot account for is refused even with the flag
+    os.utime(copy, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    with pytest.raises(ConfigError, match="changed on disk but had no failed tiles"):
+        _run(client, copy, config, tmp_path / "o.gpkg", run_dir, accept_repaired=True)
 
 
 def test_resume_refuses_a_changed_config_or_model(client: Client, scenes: list[tuple[Path, Path]], tmp_path: Path) -> None:

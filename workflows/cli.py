@@ -1,19 +1,32 @@
 """The ``geomask`` command: a thin click layer over the library and the Dask workflow.
 
 Every :class:`~geomask.errors.GeomaskError` becomes one line on stderr and exit code 2; no traceback
-for bad input.
+for bad input. Ctrl-C (exit 130) and SIGTERM (exit 143: what Slurm and Kubernetes send at a time limit
+or an eviction) stop the job the same way: nothing more is submitted, finished tasks stay in
+``--run-dir``, no output is written from unfinished work, and one line says so.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from types import FrameType
 
 import click
 
 from geomask.errors import GeomaskError
+from workflows.exits import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, KEPT, JobStopped
 
 log = logging.getLogger("geomask")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that the same clean-up runs."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
 
 
 def setup_logging(verbose: int, quiet: int) -> None:
@@ -41,22 +54,38 @@ def _register() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point: run the CLI, turning geomask errors into exit code 2."""
+    """Console-script entry point: run the CLI, turning geomask errors into exit code 2 and signals into one line.
+
+    The command is invoked directly rather than through ``cli.main``: click turns Ctrl-C into ``Abort``
+    after printing an empty line, and could not tell SIGINT from SIGTERM.
+    """
     _register()
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        cli.main(args=argv, prog_name="geomask", standalone_mode=False)
+        with cli.make_context("geomask", args) as ctx:
+            cli.invoke(ctx)
+    except click.exceptions.Exit as err:  # --help, --version
+        sys.exit(err.exit_code)
     except click.exceptions.Abort:
         click.echo("geomask: aborted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as err:
         err.show()
-        sys.exit(2 if err.exit_code in (1, 2) else err.exit_code)
+        sys.exit(EXIT_USAGE if err.exit_code in (1, 2) else err.exit_code)
     except GeomaskError as err:
         click.echo(f"geomask: error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
+    except JobStopped as err:
+        click.echo(f"geomask: {err}", err=True)
+        sys.exit(err.exit_code)
+    except Terminated:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM during the exit changes nothing
+        click.echo(f"geomask: terminated (SIGTERM); {KEPT}", err=True)
+        sys.exit(EXIT_TERMINATED)
     except KeyboardInterrupt:
-        click.echo("geomask: interrupted; finished work in --run-dir is kept", err=True)
-        sys.exit(130)
+        click.echo(f"geomask: interrupted; {KEPT}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def _local_cluster(cfg: DaskConfig) -> LocalCluster:
                 memory_limit=cfg.memory_limit,
                 dashboard_address=":0",  # the scheduler's HTTP server runs anyway; a free port never collides
                 resources=resources,
+                preload=["workflows.worker_init"],  # workers ignore Ctrl-C (the driver handles it) and exit at once when closed
             ),
         )
 
@@ -98,7 +99,16 @@ def connect(cfg: DaskConfig) -> Iterator[Client]:
             ) from None
         _log_dashboard(client, cfg.dashboard)
         check_resources(client, cfg)
-        yield client
+        try:
+            yield client
+        finally:
+            if client.status != "running":  # lost the scheduler: the driver said so in one line
+                _quiet_reconnect()
+
+
+def _quiet_reconnect() -> None:
+    """Silence the client's reconnect loop, which logs a traceback at ERROR when closing cancels it."""
+    logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
 
 
 def _log_dashboard(client: Client, dashboard: bool) -> None:

@@ -8,6 +8,12 @@ edges, never a whole raster. An input is written as soon as every block of its t
 
 Results already in the run folder are loaded instead of computed; a block's result is only stored
 when it and everything below it finished without failure.
+
+The loop polls rather than blocks, so that it notices what a blocking wait would hide forever: a lost
+scheduler (every future is cancelled; :class:`~workflows.exits.SchedulerLost`) and a job in which no
+task finished for ``dask.stall_timeout_s`` (a frozen worker, or none at all;
+:class:`~workflows.exits.Stalled`). Either stops the job before any output is written: outputs are
+only ever written from complete trees, and what finished is already in the run folder.
 """
 
 from __future__ import annotations
@@ -17,19 +23,22 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import pandas as pd
-from distributed import Client, Future, as_completed
+from distributed import Client, Future, as_completed, wait
+from rasterio.windows import Window
 
 from geomask.config import Config
 from geomask.errors import DetectorError, ExportError, GeomaskError, first_line
 from geomask.export import to_frame, write_output
-from geomask.pipeline import RasterPlan, check_channels, new_run_id, resolve_config, shape_plan, warn_resampling
+from geomask.pipeline import RasterPlan, check_channels, mark_partial, new_run_id, resolve_config, shape_plan, warn_resampling
 from geomask.vectorize import Feature
 from workflows.blocks import Block, BlockTree
+from workflows.exits import SchedulerLost, Stalled
 from workflows.inputs import OutputLayout
 from workflows.store import RunStore, model_hash
 from workflows.tasks import (
@@ -47,6 +56,10 @@ from workflows.tasks import (
 
 log = logging.getLogger(__name__)
 MERGE_PRIORITY = 1_000_000  # merges jump the queue: they free the driver's memory and finish inputs early
+SETUP_STALL_S = 120.0  # the least the watchdog gives the first tasks: a worker builds the model first (imports, weights, CUDA)
+UNREGISTER_S = 10.0  # how long the job waits for the workers to drop its detector plugin
+POLL_S = 0.05  # how long the loop waits for a result before it checks the client and the stall clock
+STUCK_SHOWN = 4  # task keys named per worker in the stall message
 
 
 @dataclass
@@ -124,6 +137,7 @@ class _Input:
     results: dict[Block, BlockResult] = field(default_factory=dict)
     complete: dict[Block, bool] = field(default_factory=dict)
     features: list[Feature] = field(default_factory=list)
+    failed_tiles: set[int] = field(default_factory=set)  # whose objects are marked partial
 
     @property
     def n_blocks(self) -> int:
@@ -157,6 +171,53 @@ class _Job:
         self.ac: Any = cast(Any, as_completed)()
         self.seq = 0
         self.frames: list[Any] = []
+        self.address = str(getattr(client.scheduler, "address", "?"))
+        self.stall_s = config.dask.stall_timeout_s or float("inf")
+        self.setup_stall_s = max(self.stall_s, SETUP_STALL_S)
+        self.kept = (
+            f"finished work is in {store.root} (--run-dir); re-run the same command to resume"
+            if store is not None
+            else "no --run-dir, so nothing was kept; add one to make a re-run resume"
+        )
+
+    # -- cluster health ---------------------------------------------------------------------------
+
+    def _check_client(self) -> None:
+        """Raise :class:`SchedulerLost` once the client lost its scheduler (it then cancels every future)."""
+        if self.client.status not in ("running", "newly-created"):
+            raise SchedulerLost(f"lost the Dask scheduler at {self.address}; {self.kept}")
+
+    def _result(self, fut: Future[Any], what: str) -> Any:
+        """Wait for one early future (describe, plan) with the same watchdog as the main loop."""
+        try:
+            cast(Any, wait)([fut], timeout=None if self.stall_s == float("inf") else self.setup_stall_s)
+            return fut.result()
+        except CancelledError:
+            self._check_client()
+            raise SchedulerLost(f"the Dask scheduler at {self.address} dropped {what} (restarted?); {self.kept}") from None
+        except TimeoutError:
+            self._check_client()
+            raise self._stalled(f"{what} did not finish within {self.setup_stall_s:.0f} s") from None
+
+    def _stalled(self, head: str) -> Stalled:
+        """Describe where the job is stuck: tasks per worker, or no worker at all; and what to do."""
+        try:
+            processing: dict[str, list[str]] = cast(Any, self.client).processing()
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        except Exception as err:  # noqa: BLE001 - the message is still worth giving without the details
+            return Stalled(f"stalled: {head} (cannot ask the scheduler at {self.address}: {first_line(err)}); {self.kept}")
+        if not workers:
+            where = f"no worker is connected to the scheduler at {self.address}; start workers with `dask worker {self.address}`"
+        else:
+            stuck = []
+            for addr, keys in sorted(processing.items()):
+                if keys:
+                    name = workers.get(addr, {}).get("name", addr)
+                    shown = ", ".join(str(k) for k in sorted(keys)[:STUCK_SHOWN]) + (", ..." if len(keys) > STUCK_SHOWN else "")
+                    stuck.append(f"{len(keys)} on worker {name} ({addr}): {shown}")
+            where = "stuck tasks: " + ("; ".join(stuck) if stuck else "none running (waiting for resources?)")
+            where += "; check or restart those workers (a frozen or overloaded node), or raise --stall-timeout"
+        return Stalled(f"stalled: {head}; {where}; {self.kept}")
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -164,7 +225,7 @@ class _Job:
         cfg = resolve_config(self.config, info.hints)
         self.resolved = cfg  # the job's settings with the model's hints applied (per-input details such as overlap_m → px aside)
         futs = [self.client.submit(plan_task, str(p.resolve()), cfg, key=f"plan-{i}-{self.run_id}") for i, p in enumerate(self.inputs)]
-        planned: list[RasterPlan | GeomaskError] = cast(Any, self.client).gather(futs)
+        planned: list[RasterPlan | GeomaskError] = [self._result(f, f"planning {p}") for f, p in zip(futs, self.inputs, strict=True)]
         for result in planned:
             if isinstance(result, GeomaskError):
                 raise result  # a bad input: one line on the client (exit code 2), as with --serial
@@ -231,6 +292,8 @@ class _Job:
         inp.complete[block] = complete
         inp.features += result.features
         self.summary.failures += result.failures
+        for failure in result.failures:  # a failed merge lost the open pieces of its whole block
+            inp.failed_tiles.update([failure.tile] if failure.tile >= 0 else inp.tree.tile_indexes(block))
         if block.level == 0:
             self.summary.n_tiles += result.n_tiles
             self.summary.n_tiles_skipped += result.n_skipped
@@ -270,7 +333,7 @@ class _Job:
         return BlockResult(failures=[Failure(str(inp.path), block.key, -1, "merge", reason)])
 
     def _finish_input(self, inp: _Input) -> None:
-        feats = shape_plan(inp.plan, inp.features, self.info.classes)
+        feats = mark_partial(inp.plan, shape_plan(inp.plan, inp.features, self.info.classes), inp.failed_tiles)
         inp.features = []
         inp.results.clear()
         self.summary.n_objects += len(feats)
@@ -293,7 +356,7 @@ class _Job:
     def run(self) -> JobSummary:
         t0 = time.perf_counter()
         describe = self.client.submit(describe_detector, self.plugin_name, key=f"describe-{self.run_id}", retries=self.retries)
-        self.info: DetectorInfo = describe.result()
+        self.info: DetectorInfo = self._result(describe, "building the detector on a worker")
         if self.info.error is not None:
             raise DetectorError(self.info.error)
         inputs = self._plan(self.info)
@@ -301,7 +364,10 @@ class _Job:
         self.summary.tasks_total = sum(len(inp.tree.tasks) for inp in inputs)
         self.progress = Progress(total_tiles, self.progress_every_s)
         for inp in inputs:
+            self._discard_repaired(inp)
             self._start_input(inp)
+        if self.store is not None:
+            self.store.commit()
         n_threads = sum(w["nthreads"] for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
         log.info(
             "%d input(s), %d tiles in %d detect tasks (%d already in the run dir)",
@@ -312,22 +378,18 @@ class _Job:
         )
         cap = max(64, 8 * n_threads)
         self._top_up(cap)
-        for fut in self.ac:
-            inp, block = self.futures.pop(fut)
-            try:
-                result = fut.result()
-            except Exception as err:  # noqa: BLE001 - recorded in the failure ledger, the job goes on
-                result = self._failed(inp, block, err)
-            fut.release()
-            log.debug(
-                "%s %s: %.2f s in the task, %d features, %d open",
-                inp.path.name,
-                block.key,
-                result.seconds,
-                len(result.features),
-                len(result.open),
-            )
-            self._deliver(inp, block, result, computed=True)
+        last_done = time.monotonic()
+        while self.futures:
+            batch: list[Future[BlockResult]] = self.ac.next_batch(block=False)
+            if not batch:
+                self._check_client()
+                if time.monotonic() - last_done > self.stall_s:
+                    raise self._stalled(f"no task finished for {self.stall_s:.0f} s ({len(self.futures)} in flight)")
+                time.sleep(POLL_S)
+                continue
+            last_done = time.monotonic()
+            for fut in batch:
+                self._take(fut)
             self._top_up(cap)
         self.progress.log()
         if self.layout.combined is not None:
@@ -343,6 +405,48 @@ class _Job:
             self.store.write_failures(self.summary.failures)
             self.store.write_json("summary.json", self.summary.to_dict())
         return self.summary
+
+    def _take(self, fut: Future[BlockResult]) -> None:
+        """Deliver one finished future; a cancelled one means the cluster dropped the job, never a data failure."""
+        inp, block = self.futures.pop(fut)
+        try:
+            result = fut.result()
+        except CancelledError:  # not a failed tile: nothing may be written from the cancelled work
+            self._check_client()
+            raise SchedulerLost(f"the Dask scheduler at {self.address} dropped task {fut.key} (restarted?); {self.kept}") from None
+        except Exception as err:  # noqa: BLE001 - recorded in the failure ledger, the job goes on
+            result = self._failed(inp, block, err)
+        cast(Any, fut).release()
+        log.debug(
+            "%s %s: %.2f s in the task, %d features, %d open",
+            inp.path.name,
+            block.key,
+            result.seconds,
+            len(result.features),
+            len(result.open),
+        )
+        self._deliver(inp, block, result, computed=True)
+
+    def _discard_repaired(self, inp: _Input) -> None:
+        """Delete the stored blocks that read any pixel of a repaired input's failed tiles, and their merges."""
+        failed = self.store.repaired.get(inp.id, set()) if self.store is not None else set()
+        if not failed or self.store is None:
+            return
+        reads = [inp.plan.tiles[t].read for t in failed if 0 <= t < len(inp.plan.tiles)]
+
+        def overlaps(a: Window, b: Window) -> bool:
+            cols = int(a.col_off) < int(b.col_off + b.width) and int(b.col_off) < int(a.col_off + a.width)
+            return cols and int(a.row_off) < int(b.row_off + b.height) and int(b.row_off) < int(a.row_off + a.height)
+
+        stale: set[Block] = set()
+        for block in inp.tree.tasks:
+            if any(overlaps(inp.plan.tiles[t].read, r) for t in inp.tree.tile_indexes(block) for r in reads):
+                parent: Block | None = block
+                while parent is not None and parent not in stale:
+                    stale.add(parent)
+                    parent = inp.tree.parent(parent)
+        log.info("%s was repaired: %d stored block(s) that read its failed tiles are redone", inp.path, len(stale))
+        self.store.discard(inp.id, [b.key for b in stale])
 
     def _start_input(self, inp: _Input) -> None:
         """Load what the run folder holds, queue the detect tasks that are missing, start ready merges."""
@@ -379,6 +483,10 @@ def run_job(
 
     Returns:
         The summary; failures are listed there (and in ``run_dir/failures.jsonl``), not raised.
+
+    Raises:
+        SchedulerLost: The client lost the scheduler; nothing was written, finished tasks are in ``store``.
+        Stalled: No task finished for ``config.dask.stall_timeout_s``; likewise.
     """
     job = _Job(client, inputs, layout, config, store, progress_every_s)
     n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
@@ -391,6 +499,9 @@ def run_job(
         return job.run()
     finally:
         try:
-            cast(Any, client).unregister_worker_plugin(job.plugin_name)
-        except Exception as err:  # noqa: BLE001 - leaving the plugin behind on a cluster is harmless
+            if client.status == "running":  # a lost scheduler cannot be asked, and asking would wait for it
+                # Bounded: the scheduler waits for every worker's answer, and a frozen one never gives it.
+                c = cast(Any, client)
+                c.sync(c._unregister_worker_plugin, name=job.plugin_name, nanny=None, callback_timeout=UNREGISTER_S)
+        except Exception as err:  # noqa: BLE001 - a plugin left behind costs memory on the workers that missed it, no more
             log.debug("could not unregister %s: %s", job.plugin_name, err)

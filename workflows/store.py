@@ -178,10 +178,14 @@ class RunStore:
         root: The run folder (created when missing).
         manifest: What this job is; compared with a stored manifest.
         fresh: Discard stored results instead of refusing a different job.
+        accept_repaired: Accept inputs that changed on disk when the failure ledger names them (see :meth:`_repaired`).
     """
 
-    def __init__(self, root: Path, manifest: Manifest, fresh: bool = False):
+    def __init__(self, root: Path, manifest: Manifest, fresh: bool = False, accept_repaired: bool = False):
         self.root = root
+        self.accept_repaired = accept_repaired
+        self.repaired: dict[int, set[int]] = {}  # input id -> its failed tiles, for inputs repaired since the last run
+        self.pending: Manifest | None = None  # written by commit() once the stale results are gone
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -225,7 +229,52 @@ class RunStore:
                 f"run dir {self.root} was made with another config (hash {stored.get('config_hash')}, now {manifest.config_hash}); {way_out}"
             )
         if stored.get("inputs") != manifest.inputs:
-            raise ConfigError(f"run dir {self.root} was made for other inputs (or they changed on disk since); {way_out}")
+            if not self.accept_repaired:
+                raise ConfigError(
+                    f"run dir {self.root} was made for other inputs (or they changed on disk since); {way_out}, "
+                    "or --accept-repaired after repairing an input the failure ledger names"
+                )
+            self.repaired = self._repaired(stored.get("inputs") or [], manifest.inputs, way_out)
+            self.pending = manifest
+
+    def _repaired(self, before: list[dict[str, Any]], now: list[dict[str, Any]], way_out: str) -> dict[int, set[int]]:
+        """Return, per changed input, the tiles the failure ledger lists; refuse any other change.
+
+        A repair is trusted to change only pixels the failed tiles read: the job redoes those tiles and
+        every stored block that read any of their pixels (:meth:`discard`). An input that changed without
+        a failed tile has no such bound, so its stored results could be stale anywhere: refused.
+        """
+        if [i["path"] for i in before] != [i["path"] for i in now]:
+            raise ConfigError(f"run dir {self.root} was made for other inputs; {way_out}")
+        failed: dict[str, set[int]] = {}
+        try:
+            for line in (self.root / "failures.jsonl").read_text().splitlines():
+                entry = json.loads(line)
+                failed.setdefault(str(Path(entry["source"]).resolve()), set()).add(int(entry["tile"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            failed = {}
+        out = {}
+        for k, (old, new) in enumerate(zip(before, now, strict=True)):
+            if old != new:
+                if new["path"] not in failed:
+                    raise ConfigError(f"{new['path']} changed on disk but had no failed tiles in {self.root}; {way_out}")
+                out[k] = {t for t in failed[new["path"]] if t >= 0}
+        return out
+
+    def discard(self, input_id: int, block_keys: Iterable[str]) -> None:
+        """Delete stored results that a repaired input makes stale."""
+        for key in block_keys:
+            self._path(input_id, key).unlink(missing_ok=True)
+
+    def commit(self) -> None:
+        """Record the repaired inputs in the manifest, once the job discarded what they made stale.
+
+        Until then the old manifest stands, so a job killed in between needs ``--accept-repaired`` (and
+        discards) again.
+        """
+        if self.pending is not None:
+            write_bytes_atomic(self.root / "manifest.json", self.pending.to_json().encode())
+            self.pending = None
 
     def _path(self, input_id: int, block_key: str) -> Path:
         return self.root / "results" / f"{input_id:05d}" / f"{block_key}.npz"
@@ -263,7 +312,7 @@ class RunStore:
         return path
 
 
-def open_run_dir(run_dir: Path, inputs: Sequence[Path], config: Config, fresh: bool = False) -> RunStore:
+def open_run_dir(run_dir: Path, inputs: Sequence[Path], config: Config, fresh: bool = False, accept_repaired: bool = False) -> RunStore:
     """Open (or start) a run folder for this job, before any cluster is started.
 
     The config is hashed as given, before the model's hints fill it in: the hints are a function of the
@@ -275,4 +324,4 @@ def open_run_dir(run_dir: Path, inputs: Sequence[Path], config: Config, fresh: b
     manifest = Manifest(
         describe_inputs(inputs), config_hash(config), config.detector.factory, model_hash(config.detector.factory, config.detector.options)
     )
-    return RunStore(run_dir, manifest, fresh)
+    return RunStore(run_dir, manifest, fresh, accept_repaired)

@@ -1,9 +1,10 @@
 """``geomask predict``: images in, polygons out, on Dask by default.
 
-Exit codes: 0 when every tile was processed; 2 for a usage, config or input error (nothing is done);
-3 when the job finished and wrote its outputs but some tiles failed for a data reason (they are listed
-in ``RUN_DIR/failures.jsonl``, or in the log without ``--run-dir``, and redone by the next run with the
-same ``--run-dir``).
+Exit codes (all of them in :mod:`workflows.exits`): 0 when every tile was processed; 2 for a usage,
+config or input error (nothing is done); 3 when the job finished and wrote its outputs but some tiles
+failed for a data reason (they are listed in ``RUN_DIR/failures.jsonl``, or in the log without
+``--run-dir``, and redone by the next run with the same ``--run-dir``); 4 lost scheduler, 5 stalled,
+130 Ctrl-C, 143 SIGTERM: nothing written, finished work kept in ``--run-dir``.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from geomask.inference import TileFailure
 from geomask.models import detector_options
 from geomask.pipeline import run_serial
 from workflows.commands.options import config_option, device_option, overwrite_option, resolve_cli_config
+from workflows.exits import EXIT_FAILURES
 from workflows.inputs import OutputLayout, expand_inputs, plan_outputs
 
 log = logging.getLogger("geomask")
-EXIT_FAILURES = 3
 
 
 @click.command()
@@ -45,9 +46,20 @@ EXIT_FAILURES = 3
 @click.option("--scheduler", help="Address of a running Dask scheduler, e.g. tcp://head:8786 (dask.address); default: a local cluster.")
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the local cluster (dask.n_workers).")
 @click.option("--tiles-per-task", type=click.IntRange(min=1), help="Tiles per Dask task (dask.tiles_per_task).")
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0),
+    help="Stop (exit 5) when no task finished for this many seconds, naming the stuck workers; 0: never (dask.stall_timeout_s).",
+)
 @click.option("--gpu/--no-gpu", default=None, help="Run inference tasks on workers that offer resources GPU=1 (dask.gpu).")
 @click.option("--run-dir", type=click.Path(file_okay=False), help="Folder that keeps finished tasks; re-run the same command to resume.")
 @click.option("--fresh", is_flag=True, help="Discard what --run-dir holds and start again.")
+@click.option(
+    "--accept-repaired",
+    is_flag=True,
+    help="Resume although inputs changed on disk, if --run-dir's failure ledger names them (you repaired them): "
+    "their failed tiles and every stored block that read those pixels are redone.",
+)
 @overwrite_option("Replace existing outputs (in a GeoPackage only geomask's layer, export.layer; other layers are kept).")
 @click.option("--format", "fmt", default="gpkg", show_default=True, help="File format of per-input outputs when -o is a folder.")
 @click.option("--progress-every", type=float, default=10.0, show_default=True, help="Seconds between progress lines.")
@@ -65,9 +77,11 @@ def predict(
     scheduler: str | None,
     workers: int | None,
     tiles_per_task: int | None,
+    stall_timeout: float | None,
     gpu: bool | None,
     run_dir: str | None,
     fresh: bool,
+    accept_repaired: bool,
     overwrite: bool,
     fmt: str,
     progress_every: float,
@@ -83,6 +97,7 @@ def predict(
             "dask.n_workers": workers,
             "dask.tiles_per_task": tiles_per_task,
             "dask.gpu": gpu,
+            "dask.stall_timeout_s": stall_timeout,
         },
     )
     if overlap is not None:  # in pixels, replacing an overlap in metres from the config
@@ -97,8 +112,8 @@ def predict(
         owned = recorded_outputs(Path(run_dir))
     layout = plan_outputs(output, paths, fmt, cfg.export.layer, overwrite, owned)
     if serial:
-        if scheduler or workers or run_dir or fresh:
-            raise click.UsageError("--serial runs in this process; drop --scheduler/--workers/--run-dir/--fresh")
+        if scheduler or workers or run_dir or fresh or accept_repaired:
+            raise click.UsageError("--serial runs in this process; drop --scheduler/--workers/--run-dir/--fresh/--accept-repaired")
         if layout.per_input is None and len(paths) > 1:
             raise click.UsageError("several inputs into one file need the Dask workflow; drop --serial or give a folder (-o out/)")
         targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
@@ -117,7 +132,7 @@ def predict(
             click.echo(f"geomask: {len(failed)} tile(s) failed (first: {failed[0][1].error}); see the log above", err=True)
             sys.exit(EXIT_FAILURES)
         return
-    _run_dask(cfg, paths, layout, run_dir, fresh, progress_every)
+    _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, accept_repaired)
 
 
 def _with_detector_options(cfg: Config, weights: str | None, device: str | None) -> Config:
@@ -126,7 +141,15 @@ def _with_detector_options(cfg: Config, weights: str | None, device: str | None)
     return merge_overrides(cfg, {"detector.options": options})
 
 
-def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str | None, fresh: bool, progress_every: float) -> None:
+def _run_dask(
+    cfg: Config,
+    paths: list[Path],
+    layout: OutputLayout,
+    run_dir: str | None,
+    fresh: bool,
+    progress_every: float,
+    accept_repaired: bool = False,
+) -> None:
     from geomask.raster import inspect_raster
     from workflows.cluster import connect
     from workflows.job import run_job
@@ -134,7 +157,7 @@ def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str
 
     for path in paths:  # bad inputs fail here, in one line, before a cluster starts (workers check again when planning)
         inspect_raster(path)
-    store = open_run_dir(Path(run_dir), paths, cfg, fresh) if run_dir else None
+    store = open_run_dir(Path(run_dir), paths, cfg, fresh, accept_repaired) if run_dir else None
 
     root = logging.getLogger().getEffectiveLevel()
     logging.getLogger("distributed").setLevel(max(root, logging.WARNING) if root > logging.DEBUG else root)  # -vv shows Dask's own log
