@@ -36,6 +36,11 @@ EXIT_FAILURES = 3
 @click.option("--detector", help="Detector factory 'package.module:callable' (default: the built-in Mask R-CNN).")
 @click.option("--tile-size", type=int, help="Tile size in pixels (tiling.size_px).")
 @click.option("--overlap", type=int, help="Tile overlap in pixels (tiling.overlap_px).")
+@click.option(
+    "--aoi",
+    type=click.Path(dir_okay=False),
+    help="Area of interest (any OGR vector, any CRS; tiling.aoi): only tiles touching it are read, only objects touching it written.",
+)
 @click.option("--batch-size", type=int, help="Tiles per detector call (detector.batch_size).")
 @click.option("--device", help="torch device for the built-in detector: auto, cpu, cuda, cuda:1.")
 @click.option("--serial", is_flag=True, help="Run in this process without Dask (the reference path).")
@@ -60,6 +65,7 @@ def predict(
     detector: str | None,
     tile_size: int | None,
     overlap: int | None,
+    aoi: str | None,
     batch_size: int | None,
     device: str | None,
     serial: bool,
@@ -81,6 +87,7 @@ def predict(
         {
             "detector.factory": detector,
             "tiling.size_px": tile_size,
+            "tiling.aoi": str(Path(aoi).resolve()) if aoi else None,  # absolute: workers may run elsewhere
             "detector.batch_size": batch_size,
             "dask.address": scheduler,
             "dask.n_workers": workers,
@@ -110,7 +117,8 @@ def predict(
             summary = run_serial(src, out, cfg, overwrite=layout.may_replace(out))
             failed += [(src, f) for f in summary.failures]
             click.echo(
-                f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s, "
+                f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s "
+                f"({summary.n_tiles_empty} empty and {summary.n_tiles_outside_aoi} outside the AOI skipped), "
                 f"{len(summary.failures)} failed tiles -> {summary.output}"
             )
         if failed:  # the same semantics as the Dask path: everything else is written, exit code 3
@@ -153,7 +161,8 @@ def _run_dask(cfg: Config, paths: list[Path], layout: OutputLayout, run_dir: str
     outputs = ", ".join(str(p) for p in summary.outputs) or "nothing"
     click.echo(
         f"{summary.n_objects} objects from {summary.n_tiles} tiles of {summary.n_inputs} input(s) in {summary.seconds:.1f} s "
-        f"({summary.tiles_per_s:.1f} tiles/s; {summary.tasks_computed} tasks computed, {summary.tasks_loaded} resumed), "
+        f"({summary.tiles_per_s:.1f} tiles/s; {summary.tasks_computed} tasks computed, {summary.tasks_loaded} resumed; "
+        f"{summary.n_tiles_empty} empty and {summary.n_tiles_outside_aoi} outside the AOI skipped), "
         f"{summary.failed_tiles} failed tiles -> {outputs}"
     )
     if summary.failures:
