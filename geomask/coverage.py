@@ -169,8 +169,9 @@ def _overview_coverage(src: rasterio.DatasetReader, info: RasterInfo) -> Coverag
         with rasterio.open(info.path, overview_level=level) as ov:
             if ov.width * ov.height > MAX_OVERVIEW_PIXELS:
                 continue
-            methods = {str(ov.tags(b).get("RESAMPLING", "")).upper() for b in ov.indexes}
-            if not methods <= CONSERVATIVE_RESAMPLING:
+            # GDAL records the method on the bands it built (often only the first); an overview without it is not trusted.
+            methods = {str(ov.tags(b)["RESAMPLING"]).upper() for b in ov.indexes if "RESAMPLING" in ov.tags(b)}
+            if not methods or not methods <= CONSERVATIVE_RESAMPLING:
                 return None
             valid = ov.dataset_mask() > 0
             cells = ndimage.binary_dilation(valid, structure=np.ones((3, 3), dtype=bool))
@@ -202,7 +203,7 @@ def raster_coverage(info: RasterInfo) -> Coverage:
         found: list[Coverage] = []
         if MaskFlags.per_dataset not in flags or MaskFlags.alpha in flags:  # an internal mask band's blocks are not reported
             sparse = _sparse_blocks(src)
-            if sparse is not None:
+            if sparse is not None and not sparse.cells.all():  # every block written: it says nothing
                 found.append(sparse)
         if MaskFlags.nodata in flags and MaskFlags.per_dataset not in flags:
             overview = _overview_coverage(src, info)
