@@ -239,3 +239,34 @@ def test_an_unreadable_aoi_is_one_line(scene: tuple[Path, Path], tmp_path: Path)
     (tmp_path / "aoi.gpkg").write_text("not a geopackage")
     with pytest.raises(ConfigError, match=r"tiling.aoi .*cannot read it"):
         plan_raster(image, config(labels, **{"tiling.aoi": str(tmp_path / "aoi.gpkg")}))
+
+
+# -- the Dask path ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_dask_skips_empty_and_aoi_tiles_with_the_serial_objects(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    from tests.test_dask_support import polygons
+    from workflows.inputs import plan_outputs
+    from workflows.job import run_job
+
+    image, labels = scene
+    full_plan, full, _ = predict_raster(image, config(labels, **{"tiling.skip_empty": False}), TruthDetector(labels))
+    aoi_path = tmp_path / "aoi.gpkg"
+    write_aoi(aoi_path, full_plan, (500, 450, 950, 900))
+    near, want, _ = aoi_expectations(full_plan, aoi_path, full)
+    aoi_plan, _, _ = predict_raster(image, config(labels, **{"tiling.aoi": str(aoi_path)}), TruthDetector(labels))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+        out = tmp_path / "all.gpkg"
+        summary = run_job(client, [image], plan_outputs(str(out), [image]), config(labels), progress_every_s=1.0)
+        assert summary.n_tiles_empty > 0 and summary.n_tiles + summary.n_tiles_empty == len(full_plan.tiles)
+        assert summary.tasks_total < 16 and not summary.failures  # blocks without a planned tile are never submitted
+        assert [g for g, *_ in polygons(out)] == sorted(shapely.to_wkb(shapely.normalize(f.geometry), hex=True) for f in full)
+        out = tmp_path / "aoi_out.gpkg"
+        summary = run_job(
+            client, [image], plan_outputs(str(out), [image]), config(labels, **{"tiling.aoi": str(aoi_path)}), progress_every_s=1.0
+        )
+        assert summary.n_tiles_outside_aoi > 0 and summary.n_tiles == len(aoi_plan.tiles) and {t.index for t in aoi_plan.tiles} <= near
+        assert [g for g, *_ in polygons(out)] == sorted(shapely.to_wkb(w, hex=True) for w in (shapely.from_wkb(b) for b in want))
