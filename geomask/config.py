@@ -62,6 +62,8 @@ class TilingConfig(_Model):
     size_px: int | None = Field(None, ge=16, description="None = the model's tile size, else 512")
     overlap_px: int | None = Field(None, ge=1, description="None = size_px // 8")
     overlap_m: float | None = Field(None, gt=0)
+    aoi: str | None = Field(None, description="OGR vector file: only tiles touching it are read, only objects touching it kept")
+    skip_empty: bool = Field(True, description="plan no tile that provably holds no valid pixel (sparse blocks, overviews)")
 
     @model_validator(mode="after")
     def _check(self) -> TilingConfig:

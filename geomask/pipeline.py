@@ -14,9 +14,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import shapely
+from shapely.geometry.base import BaseGeometry
 
 from geomask.config import Config, ShapeClassConfig, merge_overrides
+from geomask.coverage import Coverage, aoi_in_pixels, load_aoi, raster_coverage, select_tiles
 from geomask.detect.base import Detector, ModelHints, load_detector
 from geomask.errors import ConfigError, DetectorError
 from geomask.export import check_writable, to_frame, write_output
@@ -51,8 +54,16 @@ class RasterPlan:
     grid: Grid
     bands: list[int]
     stats: NormStats
-    tiles: list[Tile]
+    tiles: list[Tile]  # only the tiles that may hold valid pixels and touch the AOI; indexes are the full grid's
     config: Config  # resolved: no None left for tiling sizes
+    n_tiles_empty: int = 0  # tiles of the full grid that provably hold no valid pixel: never planned
+    n_tiles_outside_aoi: int = 0  # tiles of the full grid that miss the AOI: never planned
+    aoi: BaseGeometry | None = None  # the AOI in map coordinates (the raster's CRS); objects must touch it
+
+    @property
+    def tile_lookup(self) -> dict[int, Tile]:
+        """Tiles by index: the plan has holes where tiles were skipped, so a list position is not an index."""
+        return {t.index: t for t in self.tiles}
 
     def reader(self) -> RasterReader:
         return RasterReader(self.info, self.grid, self.bands, self.stats, self.config.raster.expand_gray)
@@ -101,6 +112,8 @@ class RunSummary:
     output: Path | None
     n_tiles: int = 0
     n_tiles_skipped: int = 0
+    n_tiles_empty: int = 0
+    n_tiles_outside_aoi: int = 0
     n_instances: int = 0
     n_features: int = 0
     seconds: float = 0.0  # the whole run, model load included
@@ -161,8 +174,18 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     info = inspect_raster(path)
     grid = working_grid(info, config.raster.gsd_m, config.raster.max_resample_factor)
     bands = resolve_bands(info, config.raster.bands)
+    coverage = raster_coverage(info) if config.tiling.skip_empty else Coverage.everywhere(info.width, info.height)
     norm = config.raster.normalize
-    stats = compute_norm_stats(info, grid, bands, norm.mode, norm.percentiles, norm.sample_windows, norm.sample_size_px)
+    stats = compute_norm_stats(
+        info,
+        grid,
+        bands,
+        norm.mode,
+        norm.percentiles,
+        norm.sample_windows,
+        norm.sample_size_px,
+        may_hold=lambda w: coverage.window_may_hold(grid, w),
+    )
     size = config.tiling.size_px or DEFAULT_TILE_SIZE_PX
     if config.tiling.overlap_px is not None:
         overlap = config.tiling.overlap_px
@@ -171,11 +194,27 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     else:
         overlap = default_overlap_px(size)
     resolved = merge_overrides(config, {"tiling.size_px": size, "tiling.overlap_px": overlap, "tiling.overlap_m": None})
-    tiles = plan_tiles(grid.width, grid.height, size, overlap)
+    aoi = load_aoi(config.tiling.aoi, info.crs) if config.tiling.aoi is not None else None
+    aoi_px = aoi_in_pixels(aoi, grid.transform) if aoi is not None else None
+    every = plan_tiles(grid.width, grid.height, size, overlap)
+    tiles, n_empty, n_outside = select_tiles(every, grid, coverage, aoi_px, margin_px=overlap)
+    if aoi is not None and not tiles:
+        log.warning("%s: the AOI %s does not touch the raster's valid pixels; nothing to detect", info.path, config.tiling.aoi)
     log.info(
-        "%s: %dx%d px (%.3f m), %d tiles of %d px, overlap %d px", info.path, grid.width, grid.height, grid.gsd_m, len(tiles), size, overlap
+        "%s: %dx%d px (%.3f m), %d of %d tiles of %d px planned (%d empty by %s, %d outside the AOI), overlap %d px",
+        info.path,
+        grid.width,
+        grid.height,
+        grid.gsd_m,
+        len(tiles),
+        len(every),
+        size,
+        n_empty,
+        coverage.method,
+        n_outside,
+        overlap,
     )
-    return RasterPlan(info, grid, bands, stats, tiles, resolved)
+    return RasterPlan(info, grid, bands, stats, tiles, resolved, n_empty, n_outside, aoi)
 
 
 @dataclass
@@ -202,6 +241,14 @@ def vectorize_plan(plan: RasterPlan, instances: Iterable[Instance]) -> list[Feat
     v = plan.config.vectorize
     feats = vectorize_instances(instances, plan.grid.transform, plan.info.crs, plan.grid.gsd_m, v.simplify_tolerance_m, v.min_area_m2)
     return sort_features(feats)
+
+
+def in_aoi(plan: RasterPlan, feats: Sequence[Feature]) -> list[Feature]:
+    """Keep the features that touch the plan's AOI (all without one): whole, not clipped to it."""
+    if plan.aoi is None:
+        return list(feats)
+    keep = shapely.intersects(plan.aoi, np.array([f.geometry for f in feats], dtype=object))
+    return [f for f, k in zip(feats, keep.tolist(), strict=True) if k]
 
 
 def shape_rules(plan: RasterPlan, classes: Sequence[str]) -> tuple[dict[int, ShapeRule], ShapeRule]:
@@ -250,7 +297,8 @@ def mark_partial(plan: RasterPlan, feats: Sequence[Feature], failed_tiles: Itera
     so an object that touches no failed core was seen whole. Cores are mapped to map coordinates with
     the working grid's affine (corners, so rotated grids are exact).
     """
-    windows = [plan.tiles[i].core for i in sorted(set(failed_tiles)) if 0 <= i < len(plan.tiles)]
+    lookup = plan.tile_lookup
+    windows = [lookup[i].core for i in sorted(set(failed_tiles)) if i in lookup]
     if not windows:
         return list(feats)
     t = plan.grid.transform
@@ -277,13 +325,15 @@ def predict_raster(
     progress = SerialProgress(str(path), len(plan.tiles), progress_every_s) if progress_every_s is not None else None
     found = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size, progress)
     instances = found.instances
-    merged = merge_across_tiles(instances, plan.tiles, plan.config.merge.ios_threshold)
-    feats = shape_plan(plan, vectorize_plan(plan, merged), detector.classes)
+    merged = merge_across_tiles(instances, plan.tile_lookup, plan.config.merge.ios_threshold)
+    feats = shape_plan(plan, in_aoi(plan, vectorize_plan(plan, merged)), detector.classes)
     feats = mark_partial(plan, feats, [f.tile for f in found.failures])
     summary = RunSummary(
         output=None,
         n_tiles=len(plan.tiles),
         n_tiles_skipped=found.n_skipped,
+        n_tiles_empty=plan.n_tiles_empty,
+        n_tiles_outside_aoi=plan.n_tiles_outside_aoi,
         n_instances=len(instances),
         n_features=len(feats),
         seconds=time.perf_counter() - t0,
@@ -323,5 +373,13 @@ def run_serial(
     frame = to_frame(feats, det.classes, plan.info.crs, Path(plan.info.path).name, det.name, summary.run_id)
     summary.output = write_output(frame, output, plan.config, overwrite)
     summary.seconds, summary.load_seconds = time.perf_counter() - t0, load_seconds
-    log.info("%s: %d objects from %d tiles in %.1f s", path, summary.n_features, summary.n_tiles, summary.seconds)
+    log.info(
+        "%s: %d objects from %d tiles in %.1f s (%d empty and %d outside the AOI skipped)",
+        path,
+        summary.n_features,
+        summary.n_tiles,
+        summary.seconds,
+        summary.n_tiles_empty,
+        summary.n_tiles_outside_aoi,
+    )
     return summary

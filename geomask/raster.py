@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -320,8 +321,13 @@ def compute_norm_stats(
     percentiles: tuple[float, float],
     sample_windows: int,
     sample_size_px: int,
+    may_hold: Callable[[Window], bool] | None = None,
 ) -> NormStats:
     """Compute the normalisation once per raster from sampled windows, ignoring nodata.
+
+    ``may_hold`` says which working-grid windows may hold valid pixels (``geomask.coverage``); the others
+    are not read. They contribute nothing anyway, so the statistics are the same, but a 100 000² raster
+    that is 99 % nodata is not scanned block by block to find its first valid pixel.
 
     Raises :class:`RasterContentError` when the raster has no valid pixel at all.
     """
@@ -331,7 +337,7 @@ def compute_norm_stats(
     values: list[npt.NDArray[np.generic]] = []
     unreadable: list[RasterReadError] = []
     with RasterReader(info, grid, bands, identity, expand_gray=False) as reader:
-        windows = _sample_windows(grid, sample_windows, sample_size_px)
+        windows = [w for w in _sample_windows(grid, sample_windows, sample_size_px) if may_hold is None or may_hold(w)]
         for win in windows:
             try:
                 raw, valid = reader.read_raw(win)
@@ -350,7 +356,7 @@ def compute_norm_stats(
                 len(windows),
                 unreadable[0],
             )
-        if not values and not _any_valid(reader, grid):
+        if not values and not _any_valid(reader, grid, may_hold):
             raise RasterContentError(f"{info.path} has no valid pixels (all nodata or masked); check the nodata value or the input")
     if mode == "none":
         return identity
@@ -360,33 +366,36 @@ def compute_norm_stats(
             return NormStats((float(tinfo.min),) * len(bands), (float(tinfo.max),) * len(bands), "range")
         mode = "percentile"  # float data has no intrinsic range
     if not values:  # valid pixels exist but the lattice missed them: scan until some are found
-        values = [_first_valid_values(info, grid, bands)]
+        values = [_first_valid_values(info, grid, bands, may_hold)]
     data = np.concatenate(values, axis=1).astype(np.float64)
     lo = np.percentile(data, percentiles[0], axis=1)
     hi = np.percentile(data, percentiles[1], axis=1)
     return NormStats(tuple(float(v) for v in lo), tuple(float(v) for v in hi), "percentile")
 
 
-def _iter_blocks(grid: Grid, size: int = 1024) -> list[Window]:
-    return [
+def _iter_blocks(grid: Grid, may_hold: Callable[[Window], bool] | None = None, size: int = 1024) -> list[Window]:
+    blocks = (
         Window(c, r, min(size, grid.width - c), min(size, grid.height - r))
         for r in range(0, grid.height, size)
         for c in range(0, grid.width, size)
-    ]
+    )
+    return [w for w in blocks if may_hold is None or may_hold(w)]
 
 
-def _any_valid(reader: RasterReader, grid: Grid) -> bool:
-    for win in _iter_blocks(grid):
+def _any_valid(reader: RasterReader, grid: Grid, may_hold: Callable[[Window], bool] | None) -> bool:
+    for win in _iter_blocks(grid, may_hold):
         _, valid = reader.read_raw(win)
         if valid.any():
             return True
     return False
 
 
-def _first_valid_values(info: RasterInfo, grid: Grid, bands: list[int]) -> npt.NDArray[np.generic]:
+def _first_valid_values(
+    info: RasterInfo, grid: Grid, bands: list[int], may_hold: Callable[[Window], bool] | None
+) -> npt.NDArray[np.generic]:
     identity = NormStats((0.0,) * len(bands), (1.0,) * len(bands), "none")
     with RasterReader(info, grid, bands, identity, expand_gray=False) as reader:
-        for win in _iter_blocks(grid):
+        for win in _iter_blocks(grid, may_hold):
             raw, valid = reader.read_raw(win)
             if valid.any():
                 return raw[:, valid]

@@ -8,12 +8,13 @@ merge, vectorize, export) be checked for exact counts and coordinates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import rasterio
+from rasterio.enums import Resampling
 
 from geomask.detect.base import ModelHints, TileImage
 from geomask.instances import Instance, from_mask
@@ -178,4 +179,66 @@ def write_scene(
             dst.write((base * scale).astype(dtype), window=rasterio.windows.Window(0, r, w, block.shape[0]))
     with rasterio.open(labels_path, "w", count=1, dtype="int32", **profile) as dst:
         dst.write(labels.astype(np.int32), 1)
+    return image_path, labels_path
+
+
+def write_sparse_scene(
+    directory: str | Path,
+    height: int,
+    width: int,
+    transform: object,
+    crs: str,
+    parts: Iterable[tuple[int, int, npt.NDArray[np.integer], npt.NDArray[np.bool_]]],
+    block_px: int = 512,
+    name: str = "sparse",
+    overviews: Sequence[int] = (),
+    resampling: str = "average",
+) -> tuple[Path, Path]:
+    """Write a mostly-nodata RGB image and its label raster block by block, leaving empty blocks unwritten.
+
+    Each part is ``(row_off, col_off, labels, valid)`` at a block-aligned offset: its blocks holding a
+    valid pixel are written (image nodata 0 where ``valid`` is false, labels 0 there), the others are not,
+    so a 100 000² raster with a few written areas stays a few MB on disk (``SPARSE_OK``). ``overviews``
+    are built with ``resampling`` afterwards. Returns ``(image_path, labels_path)``.
+    """
+    d = Path(directory)
+    image_path, labels_path = d / f"{name}.tif", d / f"{name}_labels.tif"
+    profile = {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "crs": crs,
+        "transform": transform,
+        "tiled": True,
+        "blockxsize": block_px,
+        "blockysize": block_px,
+        "compress": "deflate",
+        "SPARSE_OK": True,
+    }
+    rng = np.random.default_rng(1)
+    with (
+        rasterio.open(image_path, "w", count=3, dtype="uint8", nodata=0, **profile) as img,
+        rasterio.open(labels_path, "w", count=1, dtype="int32", **profile) as lab,
+    ):
+        for row_off, col_off, labels, valid in parts:
+            if row_off % block_px or col_off % block_px:
+                raise ValueError(f"part at ({row_off}, {col_off}) is not aligned to {block_px} px blocks")
+            for r in range(0, labels.shape[0], block_px):
+                for c in range(0, labels.shape[1], block_px):
+                    bh, bw = min(block_px, height - row_off - r), min(block_px, width - col_off - c)  # clipped to the raster
+                    if bh <= 0 or bw <= 0:
+                        continue
+                    ok = valid[r : r + bh, c : c + bw]
+                    if not ok.any():
+                        continue  # never written: reads as nodata, costs nothing on disk
+                    ids = np.where(ok, labels[r : r + bh, c : c + bw], 0)
+                    base = rng.integers(40, 90, size=(3, *ids.shape)).astype(np.uint8)
+                    base[:, ids > 0] = (200 + ids[ids > 0] % 40).astype(np.uint8)
+                    base[:, ~ok] = 0
+                    win = rasterio.windows.Window(col_off + c, row_off + r, ids.shape[1], ids.shape[0])
+                    img.write(base, window=win)
+                    lab.write(ids.astype(np.int32), 1, window=win)
+    if overviews:
+        with rasterio.open(image_path, "r+") as img:
+            img.build_overviews(list(overviews), Resampling[resampling])
     return image_path, labels_path

@@ -59,22 +59,31 @@ def task_shape(tiles_per_task: int) -> tuple[int, int]:
 class BlockTree:
     """The detect tasks and merge blocks of one raster, from its tile plan.
 
+    The plan may have holes (tiles skipped as empty or outside the AOI, see ``geomask.coverage``): blocks
+    then hold fewer tiles, and a block with none is *empty*: it is never submitted, its result is empty.
+
     Args:
-        tiles: The raster's tiles (row-major, as :func:`geomask.tiling.plan_tiles` returns them).
+        tiles: The raster's planned tiles (row-major, as :func:`geomask.tiling.plan_tiles` returns them, possibly with holes).
         tiles_per_task: Upper bound on tiles per detect task (``dask.tiles_per_task``).
     """
 
     def __init__(self, tiles: Sequence[Tile], tiles_per_task: int):
         self.tiles = list(tiles)
-        self.n_rows = max(t.row for t in self.tiles) + 1
-        self.n_cols = max(t.col for t in self.tiles) + 1
-        # Column 0 and row 0 carry every row's and column's extent: enough for block_exclusive_window, in O(rows + cols).
-        self._edges = [t for t in self.tiles if t.col == 0 or t.row == 0]
+        self.by_index = {t.index: t for t in self.tiles}
+        self._at_cell = {(t.row, t.col): t.index for t in self.tiles}
+        self.n_rows = max((t.row for t in self.tiles), default=0) + 1
+        self.n_cols = max((t.col for t in self.tiles), default=0) + 1
+        # One tile per row and per column carries that row's and column's extent: enough for
+        # block_exclusive_window, in O(rows + cols). With holes, a row without a planned tile is read by none.
+        per_row = {t.row: t for t in reversed(self.tiles)}
+        per_col = {t.col: t for t in reversed(self.tiles)}
+        self._edges = list({t.index: t for t in [*per_row.values(), *per_col.values()]}.values())
         self.task_rows, self.task_cols = task_shape(tiles_per_task)
         self.shapes: list[tuple[int, int]] = []
         self.levels: list[list[Block]] = []
         while not self.levels or len(self.levels[-1]) > 1:
             self.levels.append(self._level(len(self.levels)))
+        self._empty = {b for level in self.levels for b in level if not self.tile_indexes(b)}
 
     def _level(self, level: int) -> list[Block]:
         span_r = self.task_rows * FAN_IN**level
@@ -88,8 +97,12 @@ class BlockTree:
 
     @property
     def tasks(self) -> list[Block]:
-        """Level-0 blocks: one detect task each."""
-        return self.levels[0]
+        """Level-0 blocks holding planned tiles: one detect task each."""
+        return [b for b in self.levels[0] if b not in self._empty]
+
+    def is_empty(self, block: Block) -> bool:
+        """Return whether ``block`` covers no planned tile (its result is empty without running anything)."""
+        return block in self._empty
 
     @property
     def root(self) -> Block:
@@ -114,8 +127,8 @@ class BlockTree:
         return [self._at(block.level - 1, r, c) for r in rows for c in cols]
 
     def tile_indexes(self, block: Block) -> list[int]:
-        """Return the indexes of the tiles a block covers, in row-major order (tiles are planned row-major)."""
-        return [r * self.n_cols + c for r in block.rows for c in block.cols]
+        """Return the indexes of the planned tiles a block covers, in row-major order (tiles are planned row-major)."""
+        return [self._at_cell[(r, c)] for r in block.rows for c in block.cols if (r, c) in self._at_cell]
 
     def exclusive(self, block: Block) -> Window | None:
         """Return the pixels no tile outside ``block`` reads (see :func:`geomask.merge.block_exclusive_window`)."""
@@ -127,7 +140,7 @@ def merge_by_tree(instances: Iterable[Instance], tree: BlockTree, ios_threshold:
 
     Returns one instance per object, the same set :func:`geomask.merge.merge_across_tiles` returns.
     """
-    tiles = tree.tiles
+    tiles = tree.by_index
     by_tile: dict[int, list[Instance]] = {}
     for inst in instances:
         by_tile.setdefault(inst.tile_id, []).append(inst)
@@ -140,7 +153,9 @@ def merge_by_tree(instances: Iterable[Instance], tree: BlockTree, ios_threshold:
         open_of[block] = still_open
     for level in tree.levels[1:]:
         for block in level:
-            border = [i for child in tree.children(block) for i in open_of.pop(child)]
+            if tree.is_empty(block):
+                continue
+            border = [i for child in tree.children(block) for i in open_of.pop(child, [])]
             finished, still_open = merge_block(border, tiles, tree.exclusive(block), ios_threshold)
             done += finished
             open_of[block] = still_open

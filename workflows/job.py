@@ -35,7 +35,7 @@ from rasterio.windows import Window
 from geomask.config import Config
 from geomask.errors import DetectorError, ExportError, GeomaskError, first_line
 from geomask.export import to_frame, write_output
-from geomask.pipeline import RasterPlan, check_channels, mark_partial, new_run_id, resolve_config, shape_plan, warn_resampling
+from geomask.pipeline import RasterPlan, check_channels, in_aoi, mark_partial, new_run_id, resolve_config, shape_plan, warn_resampling
 from geomask.vectorize import Feature
 from workflows.blocks import Block, BlockTree
 from workflows.exits import SchedulerLost, Stalled
@@ -71,6 +71,8 @@ class JobSummary:
     n_inputs: int = 0
     n_tiles: int = 0
     n_tiles_skipped: int = 0
+    n_tiles_empty: int = 0  # never planned: provably no valid pixel (geomask.coverage)
+    n_tiles_outside_aoi: int = 0  # never planned: outside the area of interest
     n_objects: int = 0
     seconds: float = 0.0  # from planning to the last output written
     model_seconds: float = 0.0  # loading the model on the workers, before that
@@ -97,8 +99,9 @@ class JobSummary:
 class Progress:
     """Periodic progress lines across the cluster: tiles done/total, objects, rate, ETA."""
 
-    def __init__(self, total_tiles: int, every_s: float):
+    def __init__(self, total_tiles: int, every_s: float, n_empty: int = 0, n_outside_aoi: int = 0):
         self.total = total_tiles
+        self.n_empty, self.n_outside_aoi = n_empty, n_outside_aoi
         self.done = 0
         self.objects = 0
         self.every_s = every_s
@@ -121,7 +124,18 @@ class Progress:
         rate = self.computed / elapsed if elapsed > 0 else 0.0
         eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        log.info("tiles %d/%d (%.0f%%), %d objects, %.2f tiles/s, ETA %s", self.done, self.total, pct, self.objects, rate, eta)
+        log.info(
+            "tiles %d/%d (%.0f%%; %d skipped: %d empty, %d outside the AOI), %d objects, %.2f tiles/s, ETA %s",
+            self.done,
+            self.total,
+            pct,
+            self.n_empty + self.n_outside_aoi,
+            self.n_empty,
+            self.n_outside_aoi,
+            self.objects,
+            rate,
+            eta,
+        )
 
 
 @dataclass
@@ -242,13 +256,13 @@ class _Job:
         for i, (path, plan) in enumerate(zip(self.inputs, plans, strict=True)):
             tree = BlockTree(plan.tiles, cfg.dask.tiles_per_task)
             source = names[i] if unique else str(path)
-            out.append(_Input(i, path, plan, dataclasses.replace(plan, tiles=[]), tree, source))
+            out.append(_Input(i, path, plan, dataclasses.replace(plan, tiles=[], aoi=None), tree, source))
         return out
 
     # -- submitting -------------------------------------------------------------------------------
 
     def _submit_detect(self, inp: _Input, block: Block) -> None:
-        tiles = {i: inp.plan.tiles[i] for i in inp.tree.tile_indexes(block)}
+        tiles = {i: inp.tree.by_index[i] for i in inp.tree.tile_indexes(block)}
         task = DetectTask(inp.task_plan, block, tiles, inp.tree.exclusive(block), self.plugin_name)
         self.seq += 1
         fut = self.client.submit(
@@ -267,7 +281,7 @@ class _Job:
         for child in inp.tree.children(block):
             border += inp.results[child].open
             inp.results[child].open = []  # handed on: the driver keeps no copy
-        tiles = {i.tile_id: inp.plan.tiles[i.tile_id] for i in border}
+        tiles = {i.tile_id: inp.tree.by_index[i.tile_id] for i in border}
         task = MergeTask(inp.task_plan, block, border, tiles, inp.tree.exclusive(block))
         fut = self.client.submit(
             run_merge, task, key=f"merge-{inp.id}-{block.key}-{self.run_id}", retries=self.retries, priority=MERGE_PRIORITY
@@ -333,7 +347,7 @@ class _Job:
         return BlockResult(failures=[Failure(str(inp.path), block.key, -1, "merge", reason)])
 
     def _finish_input(self, inp: _Input) -> None:
-        feats = mark_partial(inp.plan, shape_plan(inp.plan, inp.features, self.info.classes), inp.failed_tiles)
+        feats = mark_partial(inp.plan, shape_plan(inp.plan, in_aoi(inp.plan, inp.features), self.info.classes), inp.failed_tiles)
         inp.features = []
         inp.results.clear()
         self.summary.n_objects += len(feats)
@@ -362,7 +376,9 @@ class _Job:
         inputs = self._plan(self.info)
         total_tiles = sum(len(inp.plan.tiles) for inp in inputs)
         self.summary.tasks_total = sum(len(inp.tree.tasks) for inp in inputs)
-        self.progress = Progress(total_tiles, self.progress_every_s)
+        self.summary.n_tiles_empty = sum(inp.plan.n_tiles_empty for inp in inputs)
+        self.summary.n_tiles_outside_aoi = sum(inp.plan.n_tiles_outside_aoi for inp in inputs)
+        self.progress = Progress(total_tiles, self.progress_every_s, self.summary.n_tiles_empty, self.summary.n_tiles_outside_aoi)
         for inp in inputs:
             self._discard_repaired(inp)
             self._start_input(inp)
@@ -370,11 +386,13 @@ class _Job:
             self.store.commit()
         n_threads = sum(w["nthreads"] for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
         log.info(
-            "%d input(s), %d tiles in %d detect tasks (%d already in the run dir)",
+            "%d input(s), %d tiles in %d detect tasks (%d already in the run dir); %d empty and %d outside the AOI skipped",
             len(inputs),
             total_tiles,
             self.summary.tasks_total,
             self.summary.tasks_loaded,
+            self.summary.n_tiles_empty,
+            self.summary.n_tiles_outside_aoi,
         )
         cap = max(64, 8 * n_threads)
         self._top_up(cap)
@@ -452,6 +470,9 @@ class _Job:
         """Load what the run folder holds, queue the detect tasks that are missing, start ready merges."""
         for level in inp.tree.levels:
             for block in level:
+                if inp.tree.is_empty(block):  # no planned tile below: nothing to run, nothing to store
+                    inp.results[block], inp.complete[block] = BlockResult(), True
+                    continue
                 stored = self.store.load(inp.id, block.key) if self.store is not None else None
                 if stored is not None:
                     self._deliver(inp, block, stored, computed=False)

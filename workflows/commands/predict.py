@@ -40,6 +40,11 @@ log = logging.getLogger("geomask")
 @click.option("--detector", help="Detector factory 'package.module:callable' (default: the built-in Mask R-CNN).")
 @click.option("--tile-size", type=int, help="Tile size in pixels (tiling.size_px).")
 @click.option("--overlap", type=int, help="Tile overlap in pixels (tiling.overlap_px).")
+@click.option(
+    "--aoi",
+    type=click.Path(dir_okay=False),
+    help="Area of interest (any OGR vector, any CRS; tiling.aoi): only tiles touching it are read, only objects touching it written.",
+)
 @click.option("--batch-size", type=int, help="Tiles per detector call (detector.batch_size).")
 @device_option("torch device for the built-in detector: auto, cpu, cuda, cuda:1.")
 @click.option("--serial", is_flag=True, help="Run in this process without Dask (the reference path).")
@@ -71,6 +76,7 @@ def predict(
     detector: str | None,
     tile_size: int | None,
     overlap: int | None,
+    aoi: str | None,
     batch_size: int | None,
     device: str | None,
     serial: bool,
@@ -92,6 +98,7 @@ def predict(
         {
             "detector.factory": detector,
             "tiling.size_px": tile_size,
+            "tiling.aoi": str(Path(aoi).resolve()) if aoi else None,  # absolute: workers may run elsewhere
             "detector.batch_size": batch_size,
             "dask.address": scheduler,
             "dask.n_workers": workers,
@@ -123,7 +130,8 @@ def predict(
             failed += [(src, f) for f in summary.failures]
             click.echo(
                 f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s "
-                f"(model load {summary.load_seconds:.1f} s), "
+                f"(model load {summary.load_seconds:.1f} s; {summary.n_tiles_empty} empty and "
+                f"{summary.n_tiles_outside_aoi} outside the AOI skipped), "
                 f"{len(summary.failures)} failed tiles -> {summary.output}"
             )
         if failed:  # the same semantics as the Dask path: everything else is written, exit code 3
@@ -171,7 +179,8 @@ def _run_dask(
     click.echo(
         f"{summary.n_objects} objects from {summary.n_tiles} tiles of {summary.n_inputs} input(s) in {summary.seconds:.1f} s "
         f"({summary.tiles_per_s:.1f} tiles/s; {summary.tasks_computed} tasks computed, {summary.tasks_loaded} resumed; "
-        f"before that: cluster start {cluster_seconds:.1f} s, model load {summary.model_seconds:.1f} s), "
+        f"before that: cluster start {cluster_seconds:.1f} s, model load {summary.model_seconds:.1f} s; "
+        f"{summary.n_tiles_empty} empty and {summary.n_tiles_outside_aoi} outside the AOI skipped), "
         f"{summary.failed_tiles} failed tiles -> {outputs}"
     )
     if summary.failures:
