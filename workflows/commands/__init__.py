@@ -6,6 +6,7 @@ import click
 
 from workflows.commands.evaluate import evaluate
 from workflows.commands.predict import predict
+from workflows.commands.preview import preview
 from workflows.commands.train import train
 
-ALL: list[click.Command] = [predict, evaluate, train]
+ALL: list[click.Command] = [predict, evaluate, train, preview]
