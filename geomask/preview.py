@@ -207,7 +207,7 @@ def render_preview(
         if src is not None:
             shape = (max(1, round(height * scale)), max(1, round(bounds.width * scale)))
             ax.imshow(_read(src, bounds, shape), extent=(bounds.left, bounds.right, bounds.bottom, bounds.top), interpolation="none")
-        _draw(ax, frame, 0.4)
+        _draw(ax, frame, 1.0)  # bright roofs need a line that stays visible when the picture is scaled down
         for c in crops:
             ax.add_patch(Rectangle((c.left, c.bottom), c.width, c.top - c.bottom, fill=False, edgecolor="cyan", linewidth=1.2))
         _decorate(ax, bounds, metres_per_unit, north=True)

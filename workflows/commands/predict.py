@@ -111,6 +111,7 @@ def predict(
             failed += [(src, f) for f in summary.failures]
             if with_preview:
                 _preview(out, src)
+            _report(out, [src], summary.seconds, summary.n_tiles, [(str(src), f.tile, f.stage, f.error) for f in summary.failures])
             click.echo(
                 f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s, "
                 f"{len(summary.failures)} failed tiles -> {summary.output}"
@@ -122,6 +123,17 @@ def predict(
             sys.exit(EXIT_FAILURES)
         return
     _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, with_preview)
+
+
+def _report(output: Path, images: list[Path], seconds: float, n_tiles: int, failures: list[tuple[str, int, str, str]]) -> None:
+    """Write ``<output>.report.html``; a failure here is a warning, the output is already written."""
+    from geomask.errors import first_line
+    from workflows.commands.preview import run_report_of
+
+    try:
+        run_report_of(output, images, seconds, n_tiles, failures)
+    except Exception as err:  # noqa: BLE001 - the report is a convenience: the run's result stands
+        log.warning("no report for %s: %s", output, first_line(err, with_type=True))
 
 
 def _preview(output: Path, image: Path | None) -> None:
@@ -163,6 +175,10 @@ def _run_dask(
         images = {out: src for src, out in (layout.per_input or {}).items()}
         for out in summary.outputs:  # one file from several inputs is drawn without imagery
             _preview(out, images.get(out, paths[0] if len(paths) == 1 else None))
+    for out in summary.outputs:
+        srcs = [src for src, o in (layout.per_input or {}).items() if o == out] or paths
+        fails = [(f.source, f.tile, f.stage, f.error) for f in summary.failures if f.source in {str(s) for s in srcs}]
+        _report(out, srcs, summary.seconds, summary.n_tiles, fails)
     outputs = ", ".join(str(p) for p in summary.outputs) or "nothing"
     click.echo(
         f"{summary.n_objects} objects from {summary.n_tiles} tiles of {summary.n_inputs} input(s) in {summary.seconds:.1f} s "
