@@ -35,6 +35,7 @@ import geopandas as gpd
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import pyogrio
 import shapely
 import shapely.affinity
 from affine import Affine
@@ -43,6 +44,7 @@ from shapely import STRtree
 from geomask.errors import LabelError, first_line
 from geomask.matching import AREA_EPS, DEFAULT_IOU, IOU_EPS, Pairs, coco_ap, match_one_to_one, overlapping_pairs
 from geomask.polygon_metrics import ShapeScores, shape_scores
+from geomask.qgis_style import STYLES_TABLE
 from geomask.tiling import Tile
 
 log = logging.getLogger(__name__)
@@ -493,6 +495,12 @@ def _seam_scores(
 # --------------------------------------------------------------------------------------------------
 
 
+def _only_layer(path: Path) -> str | None:
+    """The one layer of a file besides QGIS's style table (geomask's GeoPackages carry one), else ``None`` (OGR's first)."""
+    layers = [str(name) for name, _ in pyogrio.list_layers(path) if str(name) != STYLES_TABLE]
+    return layers[0] if len(layers) == 1 else None
+
+
 def read_layer(path: str | Path, layer: str | None = None) -> gpd.GeoDataFrame:
     """Read a vector layer in any OGR format (or GeoParquet), failing with one line on bad input."""
     p = Path(path)
@@ -500,7 +508,7 @@ def read_layer(path: str | Path, layer: str | None = None) -> gpd.GeoDataFrame:
         raise LabelError(f"{p} does not exist; check the path")
     try:
         parquet = p.suffix.lower() in (".parquet", ".geoparquet")
-        frame = gpd.read_parquet(p) if parquet else gpd.read_file(p, layer=layer, engine="pyogrio")
+        frame = gpd.read_parquet(p) if parquet else gpd.read_file(p, layer=layer or _only_layer(p), engine="pyogrio")
     except Exception as err:  # noqa: BLE001 - any reader failure is one line naming the file
         raise LabelError(
             f"cannot read {p}{f' layer {layer!r}' if layer else ''}: {first_line(err)}; give a polygon layer OGR can open"

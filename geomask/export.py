@@ -30,6 +30,7 @@ from pyproj import CRS
 from geomask.atomic import replacing, write_text_atomic
 from geomask.config import Config, dump_config
 from geomask.errors import ExportError, first_line
+from geomask.qgis_style import classes_of, style_qml, write_gpkg_style, write_qml
 from geomask.vectorize import Feature
 
 FIELDS = ("class_id", "class", "score", "area_m2", "perim_m", "shape", "partial", "source", "model", "run_id")
@@ -61,7 +62,8 @@ class Format:
 
 GEOPACKAGE = Format("GPKG", layered=True, layer_name=True)
 GEOJSON = Format("GeoJSON", map_crs=True)
-SHAPEFILE = Format("ESRI Shapefile", sidecars=(".shx", ".dbf", ".prj", ".cpg"), field_chars=10)
+# The .qml is geomask's QGIS style (geomask.qgis_style), loaded by QGIS with the .shp.
+SHAPEFILE = Format("ESRI Shapefile", sidecars=(".shx", ".dbf", ".prj", ".cpg", ".qml"), field_chars=10)
 FLATGEOBUF = Format("FlatGeobuf", layer_name=True)
 GEOPARQUET = Format(PARQUET)
 
@@ -212,6 +214,15 @@ def _write(frame: gpd.GeoDataFrame, path: Path, fmt: Format, layer: str) -> None
     if fmt.layer_name:
         kwargs["layer"] = layer  # into an existing GeoPackage: replaces this layer only, keeps the others
     frame.to_file(path, **kwargs)
+    _write_style(frame, path, fmt, layer)
+
+
+def _write_style(frame: gpd.GeoDataFrame, path: Path, fmt: Format, layer: str) -> None:
+    """Give the output geomask's default QGIS style: in the GeoPackage's ``layer_styles``, or a ``.qml`` beside a Shapefile."""
+    if fmt is GEOPACKAGE:
+        write_gpkg_style(path, layer, style_qml(classes_of(frame)))
+    elif fmt is SHAPEFILE:
+        write_qml(path.with_suffix(".qml"), style_qml(classes_of(frame)))
 
 
 def write_output(frame: gpd.GeoDataFrame, path: str | Path, config: Config, overwrite: bool = False) -> Path:
@@ -221,7 +232,8 @@ def write_output(frame: gpd.GeoDataFrame, path: str | Path, config: Config, over
     ``config.export.geojson_crs`` (EPSG:4326 by RFC 7946; ``None`` keeps the CRS). Into an existing
     GeoPackage only ``config.export.layer`` is written: the file is copied beside itself, the layer
     written into the copy and the copy renamed over the original, so the other layers are kept and a
-    failure leaves the old file as it was.
+    failure leaves the old file as it was. A GeoPackage gets a default QGIS style for its layer (in
+    ``layer_styles``), a Shapefile a ``.qml`` (:mod:`geomask.qgis_style`).
 
     Args:
         frame: The output table (:func:`to_frame`), in the raster's CRS.

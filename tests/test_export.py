@@ -97,8 +97,8 @@ def test_round_trip(tmp_path: Path, reference: tuple[Path, Path, gpd.GeoDataFram
     sidecar = yaml.safe_load(config_sidecar(out).read_text())
     assert sidecar["tiling"] == {"size_px": 128, "overlap_px": 16, "overlap_m": None}
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
-    if fmt.layer_name:
-        assert [str(name) for name, _ in pyogrio.list_layers(out)] == ["instances"]
+    if fmt.layer_name:  # and in a GeoPackage QGIS's style table (tests/test_qgis_style.py)
+        assert [str(name) for name, _ in pyogrio.list_layers(out)] == ["instances", *(["layer_styles"] if fmt.layered else [])]
 
 
 @pytest.mark.parametrize("suffix", OGR_SUFFIXES)
@@ -228,7 +228,7 @@ def test_writing_into_a_geopackage_keeps_the_users_other_layers(tmp_path: Path, 
     theirs = {layer: _layer_bytes(out, layer) for layer in ("my_roads", "my_old_buildings")}
     mode = stat.S_IMODE(out.stat().st_mode)
     write_output(frame.iloc[:5], out, Config())  # no --overwrite needed: the file holds no geomask layer yet
-    assert sorted(str(name) for name, _ in pyogrio.list_layers(out)) == ["instances", "my_old_buildings", "my_roads"]
+    assert sorted(str(name) for name, _ in pyogrio.list_layers(out)) == ["instances", "layer_styles", "my_old_buildings", "my_roads"]
     assert len(read_back(out, "instances")) == 5
     with pytest.raises(ExportError, match=r"already holds layer 'instances'; add --overwrite to replace that layer"):
         write_output(frame, out, Config())

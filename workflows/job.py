@@ -40,6 +40,7 @@ from geomask.vectorize import Feature
 from workflows.blocks import Block, BlockTree
 from workflows.exits import SchedulerLost, Stalled
 from workflows.inputs import OutputLayout
+from workflows.progress import advance, terminal_bar
 from workflows.store import RunStore, model_hash
 from workflows.tasks import (
     BlockResult,
@@ -97,9 +98,11 @@ class JobSummary:
 
 
 class Progress:
-    """Periodic progress lines across the cluster: tiles done/total, objects, rate, ETA."""
+    """Progress across the cluster: tiles done/total, objects, rate, ETA; a live bar on a terminal, else periodic lines."""
 
     def __init__(self, total_tiles: int, every_s: float, n_empty: int = 0, n_outside_aoi: int = 0):
+        self.bar = terminal_bar(total_tiles)
+        self.failures = 0
         self.total = total_tiles
         self.n_empty, self.n_outside_aoi = n_empty, n_outside_aoi
         self.done = 0
@@ -109,17 +112,24 @@ class Progress:
         self.computed = 0
         self.last = self.t0
 
-    def add(self, tiles: int, objects: int, computed: bool) -> None:
+    def add(self, tiles: int, objects: int, computed: bool, failures: int = 0) -> None:
         self.done += tiles
         self.objects += objects
+        self.failures += failures
         if computed:
             self.computed += tiles
+        if self.bar is not None:
+            advance(self.bar, tiles, self.objects, self.failures)
+            return
         now = time.perf_counter()
         if now - self.last >= self.every_s:
             self.last = now
             self.log()
 
     def log(self) -> None:
+        if self.bar is not None:  # the job is over: leave the full bar on screen
+            self.bar.close()
+            return
         elapsed = time.perf_counter() - self.t0
         rate = self.computed / elapsed if elapsed > 0 else 0.0
         eta = f"{(self.total - self.done) / rate:.0f} s" if rate > 0 else "?"
@@ -311,7 +321,7 @@ class _Job:
         if block.level == 0:
             self.summary.n_tiles += result.n_tiles
             self.summary.n_tiles_skipped += result.n_skipped
-            self.progress.add(result.n_tiles, len(result.features), computed)
+            self.progress.add(result.n_tiles, len(result.features), computed, len(result.failures))
             if computed:
                 self.summary.tasks_computed += 1
             else:

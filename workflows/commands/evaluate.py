@@ -125,7 +125,13 @@ def _tiles(
     help="Also score the outlines of matched pairs: C-IoU, PoLiS (truth CRS units), max tangent angle, vertices.",
 )
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the results as JSON here.")
-@overwrite_option("Replace an existing --json file.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Also write a self-contained HTML report here: scores, seams and a picture of the errors.",
+)
+@overwrite_option("Replace an existing --json or --report file.")
 def evaluate(
     pred: str,
     truth: str,
@@ -143,6 +149,7 @@ def evaluate(
     no_ap: bool,
     shape_metrics: bool,
     json_path: str | None,
+    report_path: str | None,
     overwrite: bool,
 ) -> None:
     """Score PRED polygons against TRUTH polygons: precision, recall, F1, AP, seams.
@@ -153,8 +160,9 @@ def evaluate(
     from geomask.export import check_file_writable
 
     check_iou(iou_threshold)
-    if json_path:  # before the (possibly long) matching
-        check_file_writable(json_path, overwrite)
+    for path in (json_path, report_path):  # before the (possibly long) matching
+        if path:
+            check_file_writable(path, overwrite)
     pred_frame, truth_frame = read_layer(pred, pred_layer), read_layer(truth, truth_layer)
     check_layers(pred_frame, truth_frame, pred, truth)
     result = evaluate_frames(
@@ -174,3 +182,9 @@ def evaluate(
 
         write_text_atomic(json_path, result.to_json() + "\n")
         log.info("wrote %s", json_path)
+    if report_path:
+        from geomask.report import error_picture, evaluation_report, write_report
+
+        picture = error_picture(pred_frame, truth_frame, iou_threshold)
+        write_report(report_path, evaluation_report(result, pred, truth, picture))
+        log.info("wrote %s", report_path)

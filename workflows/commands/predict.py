@@ -68,6 +68,9 @@ log = logging.getLogger("geomask")
 @overwrite_option("Replace existing outputs (in a GeoPackage only geomask's layer, export.layer; other layers are kept).")
 @click.option("--format", "fmt", default="gpkg", show_default=True, help="File format of per-input outputs when -o is a folder.")
 @click.option("--progress-every", type=float, default=10.0, show_default=True, help="Seconds between progress lines.")
+@click.option(
+    "--preview/--no-preview", "with_preview", default=True, show_default=True, help="Write OUTPUT.preview.png, a quick-look picture."
+)
 def predict(
     inputs: tuple[str, ...],
     output: str,
@@ -91,6 +94,7 @@ def predict(
     overwrite: bool,
     fmt: str,
     progress_every: float,
+    with_preview: bool,
 ) -> None:
     """Detect objects in INPUTS (GeoTIFFs, globs, or .txt lists of them) and write georeferenced polygons to --output."""
     cfg = resolve_cli_config(
@@ -128,6 +132,9 @@ def predict(
         for src, out in targets.items():
             summary = run_serial(src, out, cfg, overwrite=layout.may_replace(out), progress_every_s=progress_every)
             failed += [(src, f) for f in summary.failures]
+            if with_preview:
+                _preview(out, src)
+            _report(out, [src], summary.seconds, summary.n_tiles, [(str(src), f.tile, f.stage, f.error) for f in summary.failures])
             click.echo(
                 f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s "
                 f"(model load {summary.load_seconds:.1f} s; {summary.n_tiles_empty} empty and "
@@ -140,7 +147,29 @@ def predict(
             click.echo(f"geomask: {len(failed)} tile(s) failed (first: {failed[0][1].error}); see the log above", err=True)
             sys.exit(EXIT_FAILURES)
         return
-    _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, accept_repaired)
+    _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, with_preview, accept_repaired)
+
+
+def _report(output: Path, images: list[Path], seconds: float, n_tiles: int, failures: list[tuple[str, int, str, str]]) -> None:
+    """Write ``<output>.report.html``; a failure here is a warning, the output is already written."""
+    from geomask.errors import first_line
+    from workflows.commands.preview import run_report_of
+
+    try:
+        run_report_of(output, images, seconds, n_tiles, failures)
+    except Exception as err:  # noqa: BLE001 - the report is a convenience: the run's result stands
+        log.warning("no report for %s: %s", output, first_line(err, with_type=True))
+
+
+def _preview(output: Path, image: Path | None) -> None:
+    """Write the quick-look beside ``output``; a failure here is a warning, the output is already written."""
+    from geomask.errors import first_line
+    from workflows.commands.preview import quick_look
+
+    try:
+        quick_look(output, image)
+    except Exception as err:  # noqa: BLE001 - the picture is a convenience: the run's result stands
+        log.warning("no preview for %s: %s", output, first_line(err, with_type=True))
 
 
 def _with_detector_options(cfg: Config, weights: str | None, device: str | None) -> Config:
@@ -156,6 +185,7 @@ def _run_dask(
     run_dir: str | None,
     fresh: bool,
     progress_every: float,
+    with_preview: bool,
     accept_repaired: bool = False,
 ) -> None:
     from geomask.raster import inspect_raster
@@ -175,6 +205,14 @@ def _run_dask(
         if client.dashboard_link and cfg.dask.dashboard and not logging.getLogger("workflows.cluster").isEnabledFor(logging.INFO):
             click.echo(f"dashboard: {client.dashboard_link}", err=True)
         summary = run_job(client, paths, layout, cfg, store, progress_every)
+    if with_preview:
+        images = {out: src for src, out in (layout.per_input or {}).items()}
+        for out in summary.outputs:  # one file from several inputs is drawn without imagery
+            _preview(out, images.get(out, paths[0] if len(paths) == 1 else None))
+    for out in summary.outputs:
+        srcs = [src for src, o in (layout.per_input or {}).items() if o == out] or paths
+        fails = [(f.source, f.tile, f.stage, f.error) for f in summary.failures if f.source in {str(s) for s in srcs}]
+        _report(out, srcs, summary.seconds, summary.n_tiles, fails)
     outputs = ", ".join(str(p) for p in summary.outputs) or "nothing"
     click.echo(
         f"{summary.n_objects} objects from {summary.n_tiles} tiles of {summary.n_inputs} input(s) in {summary.seconds:.1f} s "

@@ -1,0 +1,163 @@
+"""The run report: one self-contained HTML file, opened in a real browser (headless Chromium) with no request made.
+
+The browser test skips where Debian's ``chromium`` is not installed; ``.ci/run`` installs it and sets
+``GEOMASK_REQUIRE_CHROMIUM=1``, which turns the skip into a failure. Its screenshot goes to
+``bench/results/report.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import geopandas as gpd
+import pytest
+import yaml
+
+from workflows.cli import main
+
+REQUIRE_CHROMIUM = os.environ.get("GEOMASK_REQUIRE_CHROMIUM") == "1"  # set by .ci/run, which installs chromium
+SCREENSHOT = Path(__file__).resolve().parents[1] / "bench" / "results" / "report.png"
+
+
+class _Links(HTMLParser):
+    """Every URL-valued attribute of a page (src, href, ...), and the text of its headings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.headings: list[str] = []
+        self.images = 0
+        self._in_heading = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.images += tag == "img"
+        self._in_heading = tag in ("h1", "h2")
+        self.urls += [v or "" for k, v in attrs if k in ("src", "href", "action", "poster", "data")]
+
+    def handle_data(self, data: str) -> None:
+        if self._in_heading and data.strip():
+            self.headings.append(data.strip())
+            self._in_heading = False
+
+
+def _parse(page: str) -> _Links:
+    links = _Links()
+    links.feed(page)
+    return links
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A serial predict run with the truth detector: its output and the report beside it."""
+    from geomask.testing import make_scene, write_scene
+    from tests.helpers import UTM, UTM_TRANSFORM
+
+    d = tmp_path_factory.mktemp("report")
+    image, labels = write_scene(d, make_scene(256, 256, 12, seed=3, max_size_px=60, n_big=0), UTM_TRANSFORM, UTM)
+    cfg = d / "truth.yaml"
+    cfg.write_text(yaml.safe_dump({"detector": {"factory": "geomask.testing:truth_detector", "options": {"labels": str(labels)}}}))
+    out = d / "out.gpkg"
+    main(["predict", str(image), "-o", str(out), "-c", str(cfg), "--serial"])
+    return out, d / "out.gpkg.report.html"
+
+
+def test_predict_writes_a_self_contained_report(run: tuple[Path, Path]) -> None:
+    out, report = run
+    page = report.read_text()
+    links = _parse(page)
+    assert {"Result", "Inputs", "Model", "Objects", "Run", "Settings"} <= set(links.headings)
+    assert links.images == 2  # the quick-look and the histograms, both embedded
+    assert links.urls and all(u.startswith("data:image/png;base64,") for u in links.urls)
+    n = len(gpd.read_file(out, layer="instances", engine="pyogrio"))
+    assert f'<td>all</td><td class="n">{n}</td>' in page
+    assert "tiling:" in page and "scene.tif" in page
+
+
+def test_evaluate_report_has_scores_seams_and_errors(run: tuple[Path, Path], tmp_path: Path) -> None:
+    out, _ = run
+    frame = gpd.read_file(out, layer="instances", engine="pyogrio")
+    truth, pred = tmp_path / "truth.geojson", tmp_path / "pred.gpkg"
+    frame.iloc[2:].to_file(truth, engine="pyogrio")  # two predictions have no truth: false positives
+    frame.iloc[:-1].to_file(pred, engine="pyogrio")  # one truth object is not predicted: a miss
+    report = tmp_path / "eval.html"
+    main(["evaluate", str(pred), str(truth), "--report", str(report), "--tiles-from", str(out.parent / "scene.tif"), "--tile-size", "128"])
+    page = report.read_text()
+    links = _parse(page)
+    assert {"Scores", "Seams", "Errors"} <= set(links.headings) and links.images == 1
+    assert "false positive (2)" not in page  # the legend is inside the picture, not text
+    assert all(u.startswith("data:") for u in links.urls)
+
+
+def test_report_opens_in_a_browser_without_requests(run: tuple[Path, Path]) -> None:
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if REQUIRE_CHROMIUM:
+            pytest.fail("GEOMASK_REQUIRE_CHROMIUM=1 but chromium is not on PATH (apt-get install chromium)")
+        pytest.skip("headless Chromium is not installed (apt-get install chromium); .ci/run installs it and requires this test")
+    _, report = run
+    assert _page_requests(chromium, report) == []
+    # The check can fail: a page that loads one image over HTTP is caught (nothing listens there).
+    control = report.with_name("control.html")
+    control.write_text('<!DOCTYPE html><html><body><img src="http://127.0.0.1:9/x.png"></body></html>')
+    assert _page_requests(chromium, control) == ["http://127.0.0.1:9/x.png"]
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as profile:
+        shot = subprocess.run(
+            [
+                chromium,
+                *_flags(profile),
+                f"--screenshot={SCREENSHOT}",
+                "--window-size=1200,2400",
+                "--hide-scrollbars",
+                report.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert shot.returncode == 0 and SCREENSHOT.stat().st_size > 20_000, shot.stderr[-2000:]
+
+
+def _flags(profile: str) -> list[str]:
+    return [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}/p",
+    ]
+
+
+def _page_requests(chromium: str, page: Path) -> list[str]:
+    """Load ``page`` from disk; check the DOM the browser built; return the network URLs the page itself requested.
+
+    Chromium's net log lists every request; those the browser makes on its own (time sync, updates, even
+    with the flags above) have the initiator ``not an origin`` and are left out: a page's requests
+    carry its origin (``null`` for a file).
+    """
+    with tempfile.TemporaryDirectory() as profile:
+        net_log = Path(profile) / "net.json"
+        cmd = [chromium, *_flags(profile), f"--log-net-log={net_log}", "--dump-dom", page.resolve().as_uri()]
+        dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        links = _parse(dom.stdout)  # the page as the browser built it
+        if page.name.endswith(".report.html"):
+            assert "Objects" in links.headings and links.images == 2
+            assert all(u.startswith("data:") for u in links.urls)
+        events = json.loads(net_log.read_text()).get("events", [])
+    urls = []
+    for event in events:
+        params = event.get("params", {})
+        url, initiator = str(params.get("url", "")), params.get("initiator")
+        if "method" in params and initiator is not None and initiator != "not an origin" and url.startswith(("http:", "https:", "ws")):
+            urls.append(url)
+    return sorted(set(urls))
