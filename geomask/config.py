@@ -51,7 +51,9 @@ class RasterConfig(_Model):
 
     bands: list[int] | None = Field(None, description="1-based band indexes in model order; None = model's or first 3")
     gsd_m: float | None = Field(None, gt=0, description="resample to this ground sample distance; None = model's or native")
-    max_resample_factor: float = Field(4.0, ge=1.0, description="refuse a working grid more than this many times finer or coarser")
+    max_resample_factor: float = Field(
+        4.0, ge=1.0, description="refuse a working grid more than this many times finer (4x this, coarser) than the source"
+    )
     expand_gray: bool = True
     normalize: NormalizeConfig = NormalizeConfig()
 

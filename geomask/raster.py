@@ -179,6 +179,10 @@ def _probe_blocks(src: rasterio.DatasetReader, path: str) -> None:
         raise RasterReadError(f"{path} is corrupt or truncated ({first_line(err)}); re-export or re-download it") from None
 
 
+#: A working grid coarser than the source may be this many times further off than ``max_resample_factor``.
+COARSER_SLACK = 4.0
+
+
 def working_grid(info: RasterInfo, gsd_m: float | None, max_resample_factor: float | None = None) -> Grid:
     """Return the working grid at ``gsd_m`` metres per pixel (``None``: the native grid).
 
@@ -186,8 +190,8 @@ def working_grid(info: RasterInfo, gsd_m: float | None, max_resample_factor: flo
     reach the model squashed, and it finds a quarter of the objects).
 
     Raises:
-        RasterContentError: The grid would be more than ``max_resample_factor`` times finer or coarser
-            than the source along an axis, or wider or taller than :data:`MAX_WORKING_SIDE_PX`.
+        RasterContentError: The grid would be more than ``max_resample_factor`` times finer (or
+            :data:`COARSER_SLACK` times that, coarser) than the source along an axis, or wider or taller than :data:`MAX_WORKING_SIDE_PX`.
     """
     if gsd_m is None or (info.square_pixels and math.isclose(gsd_m, info.gsd_m, rel_tol=0.02)):
         return Grid(info.width, info.height, info.transform, 1.0, 1.0, info.gsd_m)
@@ -217,11 +221,15 @@ def describe_resampling(info: RasterInfo, gsd_m: float) -> str:
 def check_resampling(info: RasterInfo, gsd_m: float, size: tuple[int, int], max_factor: float | None) -> None:
     """Refuse a working grid far from the source (a units slip, or imagery the model was not made for) before it is allocated."""
     f = resample_factor(info, gsd_m)
-    if max_factor is not None and max(f, 1.0 / f) > max_factor:
+    # Finer costs memory with the square of the factor; coarser costs nothing but detail, and drone
+    # imagery at 5-8 cm is routinely read at a 0.3 m model's GSD: coarser is allowed COARSER_SLACK times more.
+    limit = None if max_factor is None else (max_factor if f >= 1.0 else max_factor * COARSER_SLACK)
+    if limit is not None and max(f, 1.0 / f) > limit:
         raise RasterContentError(
-            f"{info.path}: {describe_resampling(info, gsd_m)}, beyond raster.max_resample_factor {max_factor:g}; "
+            f"{info.path}: {describe_resampling(info, gsd_m)}, beyond raster.max_resample_factor {max_factor:g}"
+            f"{'' if f >= 1.0 else f' (x{COARSER_SLACK:g} when coarser)'}; "
             f"check raster.gsd_m (a units slip?) or use a model made for {info.gsd_m:.3g} m imagery, "
-            f"or set raster.max_resample_factor: {math.ceil(max(f, 1.0 / f))} to allow it"
+            f"or set raster.max_resample_factor: {math.ceil(max(f, 1.0 / f) / (1.0 if f >= 1.0 else COARSER_SLACK))} to allow it"
         )
     if max(size) > MAX_WORKING_SIDE_PX:
         raise RasterContentError(

@@ -311,3 +311,18 @@ def test_dask_runs_say_when_the_model_loads_and_report_the_start_up(
     assert "loading the model (geomask.testing:truth_detector) on 1 worker(s)" in messages, messages
     out = capfd.readouterr().out
     assert "before that: cluster start " in out and ", model load " in out, out
+
+
+def test_drone_imagery_read_at_a_coarser_model_gsd_is_allowed(tmp_path: Path) -> None:
+    """7.4 cm imagery (the README's sample) at the 0.3 m model's GSD is 4x coarser: normal, not refused."""
+    from affine import Affine
+
+    from geomask.errors import GeomaskError
+    from geomask.raster import inspect_raster, working_grid
+    from tests.helpers import write_raster
+
+    image = write_raster(tmp_path / "drone.tif", np.zeros((3, 400, 400), np.uint8), Affine(0.0744, 0, 500_000, 0, -0.0744, 5_000_000))
+    grid = working_grid(inspect_raster(image), 0.3, 4.0)
+    assert grid.width == round(400 * 0.0744 / 0.3)
+    with pytest.raises(GeomaskError, match=r"coarser\), beyond raster\.max_resample_factor 4 \(x4 when coarser\)"):
+        working_grid(inspect_raster(image), 0.0744 * 20, 4.0)
