@@ -71,9 +71,13 @@ def _bounds(w: Window) -> tuple[int, int, int, int]:
     return (int(w.col_off), int(w.row_off), int(w.col_off + w.width), int(w.row_off + w.height))
 
 
-def _mask_area_in(inst: Instance, zone: tuple[int, int, int, int]) -> int:
+def _crop(inst: Instance, zone: tuple[int, int, int, int]) -> npt.NDArray[np.bool_]:
     c0, r0, c1, r1 = zone
-    return int(inst.mask[r0 - inst.row_off : r1 - inst.row_off, c0 - inst.col_off : c1 - inst.col_off].sum())
+    return inst.mask[r0 - inst.row_off : r1 - inst.row_off, c0 - inst.col_off : c1 - inst.col_off]
+
+
+def _mask_area_in(inst: Instance, zone: tuple[int, int, int, int]) -> int:
+    return int(_crop(inst, zone).sum())
 
 
 def ios_in_shared_zone(a: Instance, b: Instance, tile_a: Tile, tile_b: Tile) -> float:
@@ -87,10 +91,7 @@ def ios_in_shared_zone(a: Instance, b: Instance, tile_a: Tile, tile_b: Tile) -> 
     both = _overlap(za, zb)
     if both is None:
         return 0.0
-    c0, r0, c1, r1 = both
-    ma = a.mask[r0 - a.row_off : r1 - a.row_off, c0 - a.col_off : c1 - a.col_off]
-    mb = b.mask[r0 - b.row_off : r1 - b.row_off, c0 - b.col_off : c1 - b.col_off]
-    inter = int(np.count_nonzero(ma & mb))
+    inter = int(np.count_nonzero(_crop(a, both) & _crop(b, both)))
     if inter == 0:
         return 0.0
     smaller = min(_mask_area_in(a, za), _mask_area_in(b, zb))
@@ -119,17 +120,11 @@ def are_neighbours(a: Instance, b: Instance, gap_px: int = NEIGHBOUR_GAP_PX) -> 
     if r0 >= r1 or c0 >= c1:
         return False
     near = _grow(a.mask, gap_px)[r0 - ar0 : r1 - ar0, c0 - ac0 : c1 - ac0]
-    mb = b.mask[r0 - b.row_off : r1 - b.row_off, c0 - b.col_off : c1 - b.col_off]
-    if not np.any(near & mb):
+    if not np.any(near & _crop(b, (c0, r0, c1, r1))):
         return False
     zone = _overlap(a.bounds(), b.bounds())
     inter = 0 if zone is None else int(np.count_nonzero(_crop(a, zone) & _crop(b, zone)))
     return inter * 2 < min(a.area_px, b.area_px)
-
-
-def _crop(inst: Instance, zone: tuple[int, int, int, int]) -> npt.NDArray[np.bool_]:
-    c0, r0, c1, r1 = zone
-    return inst.mask[r0 - inst.row_off : r1 - inst.row_off, c0 - inst.col_off : c1 - inst.col_off]
 
 
 def link_components(border: Sequence[Instance], tiles: TileLookup, ios_threshold: float) -> list[tuple[list[int], list[Link]]]:

@@ -17,6 +17,7 @@ Pure shapely/numpy, in whatever CRS both polygons share.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -114,14 +115,7 @@ class ShapeScores:
     vertex_ratio: float | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "n_pairs": self.n_pairs,
-            "mean_iou": self.mean_iou,
-            "c_iou": self.c_iou,
-            "polis": self.polis,
-            "max_angle_deg": self.max_angle_deg,
-            "vertex_ratio": self.vertex_ratio,
-        }
+        return dataclasses.asdict(self)
 
     def table(self) -> str:
         def f(v: float | None, d: int = 3) -> str:
