@@ -1,11 +1,14 @@
-"""Summarise a leave-one-city-out cross-validation run (``bench/train/cv_buildings.sh``): F1 per fold, mean, spread.
+"""Summarise a cross-validation run: F1 per held-out fold, mean, spread.
 
-Usage: python bench/train/cv_summary.py RECIPE [RECIPE ...] [--root runs/cv]
+Usage: python bench/train/cv_summary.py RECIPE [RECIPE ...] [--root runs/cv]           (buildings)
+       python bench/train/cv_summary.py --trees RECIPE [RECIPE ...] [--root runs/cv_trees]
 
-Reads ``ROOT/RECIPE/AREA/eval/scores.json`` (written by ``geomask evaluate --json``) and prints a
-Markdown table: one row per recipe, one column per held-out city, then the mean and the spread
-(max − min) over the folds that finished. A fold without scores is shown as "–" and left out of the mean,
-and the row says how many folds it averages.
+Buildings (``bench/train/cv_buildings.sh``, leave one city out): reads ``ROOT/RECIPE/AREA/eval/scores.json``
+(``geomask evaluate --json``). Trees (``bench/train/cv_trees.sh``, leave one NEON site out): reads
+``ROOT/RECIPE/SITE/scores.json`` (``bench/train/eval_trees.py --json``, box IoU) and the score threshold
+the fold chose on its training plots. Prints a Markdown table: one row per recipe, one column per held-out
+fold, then the mean and the spread (max − min) over the folds that finished. A fold without scores is shown
+as "–" and left out of the mean, and the row says how many folds it averages.
 """
 
 from __future__ import annotations
@@ -16,28 +19,44 @@ import statistics
 from pathlib import Path
 
 AREAS = ("area1", "area3", "area4", "area5")
+SITES = ("HARV", "SJER", "TEAK")
+
+
+def fold_scores(root: Path, recipe: str, fold: str, trees: bool) -> tuple[dict[str, float], str] | None:
+    """The fold's overall counts and scores, and a note (the chosen threshold for trees), or None."""
+    path = root / recipe / fold / ("scores.json" if trees else "eval/scores.json")
+    if not path.is_file():
+        return None
+    scores = json.loads(path.read_text())
+    if not trees:
+        return scores["overall"], ""
+    threshold = root / recipe / fold / "threshold"
+    return scores["all"], f", t {threshold.read_text().strip()}" if threshold.is_file() else ""
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipes", nargs="+")
-    ap.add_argument("--root", type=Path, default=Path("runs/cv"))
+    ap.add_argument("--trees", action="store_true", help="Leave-one-site-out tree runs (box F1).")
+    ap.add_argument("--root", type=Path)
     args = ap.parse_args()
-    print("| recipe | " + " | ".join(f"{a} F1 (P / R)" for a in AREAS) + " | mean F1 | spread | folds |")
-    print("| --- |" + " ---: |" * (len(AREAS) + 3))
+    folds = SITES if args.trees else AREAS
+    root = args.root or Path("runs/cv_trees" if args.trees else "runs/cv")
+    print("| recipe | " + " | ".join(f"{f} F1 (P / R)" for f in folds) + " | mean F1 | spread | folds |")
+    print("| --- |" + " ---: |" * (len(folds) + 3))
     for recipe in args.recipes:
         cells, f1s = [], []
-        for area in AREAS:
-            path = args.root / recipe / area / "eval" / "scores.json"
-            if not path.is_file():
+        for fold in folds:
+            found = fold_scores(root, recipe, fold, args.trees)
+            if found is None:
                 cells.append("–")
                 continue
-            o = json.loads(path.read_text())["overall"]
+            o, note = found
             f1s.append(float(o["f1"] or 0.0))
-            cells.append(f"{o['f1'] or 0:.3f} ({o['precision'] or 0:.2f} / {o['recall'] or 0:.2f})")
+            cells.append(f"{o['f1'] or 0:.3f} ({o['precision'] or 0:.2f} / {o['recall'] or 0:.2f}{note})")
         mean = f"{statistics.mean(f1s):.3f}" if f1s else "–"
         spread = f"{max(f1s) - min(f1s):.3f}" if len(f1s) > 1 else "–"
-        print(f"| {recipe} | " + " | ".join(cells) + f" | {mean} | {spread} | {len(f1s)} of {len(AREAS)} |")
+        print(f"| {recipe} | " + " | ".join(cells) + f" | {mean} | {spread} | {len(f1s)} of {len(folds)} |")
 
 
 if __name__ == "__main__":
