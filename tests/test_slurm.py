@@ -94,6 +94,16 @@ def test_cluster_excludes_scheduler_and_serial(tmp_path: Path) -> None:
     assert serial.returncode == 2 and "drop --scheduler/--cluster" in serial.stderr
 
 
+def test_no_sbatch_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    ((image, labels),) = make_inputs(tmp_path, size_px=300)
+    config = write_config(tmp_path / "job.yaml", labels)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": str(tmp_path / "empty")}  # no Slurm commands
+    done = _geomask("predict", image.name, "-o", "o.gpkg", "-c", config, "--cluster", _cluster_file(tmp_path), cwd=tmp_path, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().endswith("submits Slurm jobs but sbatch is not on PATH; run geomask where Slurm's commands are (a login node)")
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 # -- on a real Slurm ----------------------------------------------------------------------------------
 
 
