@@ -100,7 +100,9 @@ def test_no_sbatch_is_one_line_and_exit_2(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "PATH": str(tmp_path / "empty")}  # no Slurm commands
     done = _geomask("predict", image.name, "-o", "o.gpkg", "-c", config, "--cluster", _cluster_file(tmp_path), cwd=tmp_path, env=env)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().endswith("submits Slurm jobs but sbatch is not on PATH; run geomask where Slurm's commands are (a login node)")
+    assert done.stderr.strip().endswith(
+        "submits Slurm jobs but sbatch is not on PATH; run geomask where Slurm's commands are (a login node)"
+    )
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
