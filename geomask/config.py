@@ -152,6 +152,7 @@ class ExportConfig(_Model):
 
 class DaskConfig(_Model):
     address: str | None = Field(None, description="scheduler address; None starts a LocalCluster")
+    cluster: str | None = Field(None, description="cluster file (configs/cluster-slurm.yaml): workers run as batch jobs geomask submits")
     n_workers: int | None = Field(None, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "auto"
@@ -160,6 +161,12 @@ class DaskConfig(_Model):
     retries: int = Field(2, ge=0)
     dashboard: bool = True
     stall_timeout_s: float = Field(600.0, ge=0, description="stop (exit 5) when no task finished for this long; 0 = never")
+
+    @model_validator(mode="after")
+    def _one_cluster(self) -> DaskConfig:
+        if self.address is not None and self.cluster is not None:
+            raise ValueError("dask.address and dask.cluster both name a cluster; give one (--scheduler or --cluster)")
+        return self
 
 
 class Config(_Model):
@@ -191,17 +198,22 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
         raise ConfigError(_describe(err, source)) from None
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """Parse a YAML file (a config, a cluster file), raising :class:`ConfigError` with one line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}; check the path") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML ({first_line(err)}); fix the syntax") from None
+
+
 def load_config(path: str | Path | None = None) -> Config:
     """Load a YAML config file (``None`` gives the defaults)."""
     if path is None:
         return Config()
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read config {p}: {err.strerror}; check the path") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p} is not valid YAML ({first_line(err)}); fix the syntax") from None
+    data = read_yaml(p, "config")
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -1,7 +1,14 @@
-"""Getting a Dask client: a local cluster sized to the machine, or an existing cluster by address.
+"""Getting a Dask client: a local cluster sized to the machine, workers as batch jobs, or a cluster by address.
 
-An existing cluster is used as it is: nothing is scaled, and the detector plugin this job registers is
-removed again at the end.
+Three ways, one per job (``connect``):
+
+- no address and no cluster file: a ``LocalCluster`` of worker processes, closed at the end;
+- ``dask.cluster`` (``--cluster FILE``): a dask-jobqueue cluster (Slurm) that geomask starts itself. The
+  scheduler runs in this process; each worker is a batch job submitted with ``sbatch``, kept at the file's
+  ``jobs`` (a job that ends, by ``scancel``, its time limit or a node failure, is replaced) and cancelled
+  when the job ends, also on an error or a signal;
+- ``dask.address`` (``--scheduler``): an existing cluster, used as it is: nothing is scaled, and the
+  detector plugin this job registers is removed again at the end.
 """
 
 from __future__ import annotations
@@ -9,18 +16,26 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, Literal, cast
 
 import dask
 from distributed import Client, LocalCluster
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tornado.ioloop import PeriodicCallback
 
-from geomask.config import DaskConfig
-from geomask.errors import GeomaskError
+from geomask.config import DaskConfig, read_yaml
+from geomask.errors import ConfigError, GeomaskError, first_line
 
 log = logging.getLogger(__name__)
 WAIT_FOR_WORKERS_S = 120.0
+KEEP_JOBS_EVERY_S = 5.0  # how often lost worker jobs are resubmitted (after distributed.deploy.lost-worker-timeout, 15 s)
+WORKER_PRELOAD = "workflows.worker_init"  # workers ignore Ctrl-C (the driver handles it) and exit at once when closed
 
 
 class ClusterError(GeomaskError, OSError):
@@ -56,7 +71,7 @@ def _local_cluster(cfg: DaskConfig) -> LocalCluster:
                 memory_limit=cfg.memory_limit,
                 dashboard_address=":0",  # the scheduler's HTTP server runs anyway; a free port never collides
                 resources=resources,
-                preload=["workflows.worker_init"],  # workers ignore Ctrl-C (the driver handles it) and exit at once when closed
+                preload=[WORKER_PRELOAD],
             ),
         )
 
@@ -73,9 +88,141 @@ def check_resources(client: Client, cfg: DaskConfig) -> None:
         )
 
 
+class ClusterFile(BaseModel):
+    """A cluster file (``--cluster``, ``dask.cluster``): which batch system runs the workers, and how many.
+
+    Not part of the job's config (``-c``): where a job runs changes no result, so a run folder resumes on
+    another cluster, and the config sidecar does not carry site details (accounts, partitions).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    kind: Literal["slurm"] = Field(description="the batch system; slurm: dask_jobqueue.SLURMCluster")
+    jobs: int = Field(ge=1, description="worker jobs kept running; one that ends (scancel, time limit, node failure) is resubmitted")
+    wait_s: float = Field(600.0, gt=0, description="how long to wait for the first worker job to start (the queue's wait)")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of SLURMCluster (cores, memory, processes, queue, walltime, job_extra_directives, ...); "
+        "those not given come from dask-jobqueue's config (~/.config/dask/jobqueue.yaml)",
+    )
+
+
+def load_cluster_file(path: str | Path) -> ClusterFile:
+    """Read and validate a cluster file, raising :class:`~geomask.errors.ConfigError` with one line."""
+    p = Path(path)
+    data = read_yaml(p, "cluster file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"cluster file {p} must hold a mapping (kind, jobs, options); see configs/cluster-slurm.yaml")
+    try:
+        return ClusterFile.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        what = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        raise ConfigError(f"cluster file {p}: {where}: {what}; see configs/cluster-slurm.yaml") from None
+
+
+def _job_options(spec: ClusterFile, gpu: bool) -> dict[str, Any]:
+    """``spec.options`` plus what every geomask worker needs: the preload, no profiler, ``GPU=1`` when ``gpu``.
+
+    Lists the file does not give come from dask-jobqueue's config, so geomask's additions extend them.
+    """
+    options = dict(spec.options)
+    args = list(options.get("worker_extra_args", dask.config.get("jobqueue.slurm.worker-extra-args", None)) or [])
+    if WORKER_PRELOAD not in args:
+        args += ["--preload", WORKER_PRELOAD]
+    if gpu and "--resources" not in args:
+        args += ["--resources", "GPU=1"]
+    prologue = list(options.get("job_script_prologue", dask.config.get("jobqueue.slurm.job-script-prologue", None)) or [])
+    prologue.append("export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=False")  # as on local clusters (see _local_cluster)
+    scheduler = {"dashboard_address": ":0", **dict(options.get("scheduler_options", {}))}
+    return {**options, "worker_extra_args": args, "job_script_prologue": prologue, "scheduler_options": scheduler}
+
+
+def _slurm_cluster(spec: ClusterFile, cfg: DaskConfig, source: str) -> Any:
+    """Start a ``SLURMCluster`` (its scheduler, in this process) after ``sbatch --test-only`` accepted its job script."""
+    try:
+        from dask_jobqueue.slurm import SLURMCluster
+    except ImportError:
+        raise ClusterError(f"{source} needs dask-jobqueue; pip install 'geomask[cluster]'") from None
+    if shutil.which("sbatch") is None:
+        raise ClusterError(f"{source} submits Slurm jobs but sbatch is not on PATH; run geomask where Slurm's commands are (a login node)")
+    try:
+        cluster: Any = SLURMCluster(**_job_options(spec, cfg.gpu))
+    except (TypeError, ValueError) as err:  # an unknown or malformed option
+        raise ClusterError(f"cluster file {source}: options: {first_line(err)}; see dask_jobqueue.SLURMCluster's arguments") from None
+    try:
+        _test_submit(cluster.job_script(), source)
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+def _test_submit(script: str, source: str) -> None:
+    """Let Slurm check the job script (partition, account, resources) without submitting it."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="geomask-job-") as f:
+        f.write(script)
+        f.flush()
+        done = subprocess.run(["sbatch", "--test-only", f.name], capture_output=True, text=True, timeout=60, check=False)
+    if done.returncode != 0:
+        said = [line for line in done.stderr.splitlines() if "error" in line.lower()] or done.stderr.splitlines() or ["no message"]
+        raise ClusterError(f"Slurm refuses the worker job of {source}: {said[-1].strip()}; fix its options")
+
+
+def _job_ids(cluster: Any) -> list[str]:
+    return [str(job.job_id) for job in list(cluster.workers.values()) if getattr(job, "job_id", None)]
+
+
+@contextmanager
+def _batch_cluster(cfg: DaskConfig, source: str) -> Iterator[Client]:
+    """Yield a client of a cluster whose workers are Slurm jobs; cancel every job on exit, however it is left."""
+    spec = load_cluster_file(source)
+    cluster = _slurm_cluster(spec, cfg, source)
+    try:
+        with cast(Client, cast(Any, Client)(cluster)) as client:
+            cluster.scale(jobs=spec.jobs)
+            # A worker job that ended stays in the cluster's plan; scaling to the same size resubmits it.
+            keeper = PeriodicCallback(lambda: cluster.scale(jobs=spec.jobs), KEEP_JOBS_EVERY_S * 1000)
+            cluster.periodic_callbacks["geomask-keep-jobs"] = keeper  # stopped when the cluster closes
+            cluster.loop.add_callback(keeper.start)
+            try:
+                client.wait_for_workers(1, timeout=spec.wait_s)
+            except TimeoutError:
+                ids = ", ".join(_job_ids(cluster)) or "none submitted"
+                raise ClusterError(
+                    f"no worker job started within {spec.wait_s:.0f} s (Slurm jobs: {ids}); see `squeue` and the jobs' logs "
+                    f"(options.log_directory), or raise wait_s in {source}"
+                ) from None
+            log.info("Slurm worker jobs: %s (kept at %d)", ", ".join(_job_ids(cluster)), spec.jobs)
+            _log_dashboard(client, cfg.dashboard)
+            check_resources(client, cfg)
+            yield client
+    finally:
+        _release(cluster)
+
+
+def _release(cluster: Any) -> None:
+    """Cancel the worker jobs (``scancel`` through the cluster, each job id directly if that fails)."""
+    ids = _job_ids(cluster)
+    try:
+        cluster.close(timeout=60)
+    except Exception as err:  # noqa: BLE001 - a job that never started makes close() fail; the jobs must go anyway
+        log.warning("closing the Slurm cluster failed (%s); cancelling jobs %s directly", first_line(err, with_type=True), ids)
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, timeout=60, check=False)
+    if ids:
+        log.info("cancelled Slurm worker jobs %s", ", ".join(ids))
+
+
 @contextmanager
 def connect(cfg: DaskConfig) -> Iterator[Client]:
-    """Yield a client of ``cfg.address``'s cluster, or of a new local cluster closed on exit."""
+    """Yield a client of ``cfg.address``'s cluster, of batch jobs from ``cfg.cluster``, or of a new local cluster."""
+    if cfg.cluster is not None:
+        if cfg.n_workers is not None:
+            log.warning("dask.n_workers (--workers) sizes a local cluster only; the cluster file's jobs say how many workers run")
+        with _batch_cluster(cfg, cfg.cluster) as client:
+            yield client
+        return
     if cfg.address is None:
         with _local_cluster(cfg) as cluster, cast(Client, cast(Any, Client)(cluster)) as client:
             _log_dashboard(client, cfg.dashboard)

@@ -49,6 +49,12 @@ log = logging.getLogger("geomask")
 @device_option("torch device for the built-in detector: auto, cpu, cuda, cuda:1.")
 @click.option("--serial", is_flag=True, help="Run in this process without Dask (the reference path).")
 @click.option("--scheduler", help="Address of a running Dask scheduler, e.g. tcp://head:8786 (dask.address); default: a local cluster.")
+@click.option(
+    "--cluster",
+    "cluster_file",
+    type=click.Path(dir_okay=False),
+    help="Cluster file (configs/cluster-slurm.yaml, dask.cluster): geomask submits the workers as Slurm jobs and cancels them at the end.",
+)
 @click.option("--workers", type=click.IntRange(min=1), help="Worker processes of the local cluster (dask.n_workers).")
 @click.option("--tiles-per-task", type=click.IntRange(min=1), help="Tiles per Dask task (dask.tiles_per_task).")
 @click.option(
@@ -84,6 +90,7 @@ def predict(
     device: str | None,
     serial: bool,
     scheduler: str | None,
+    cluster_file: str | None,
     workers: int | None,
     tiles_per_task: int | None,
     stall_timeout: float | None,
@@ -105,6 +112,7 @@ def predict(
             "tiling.aoi": str(Path(aoi).resolve()) if aoi else None,  # absolute: workers may run elsewhere
             "detector.batch_size": batch_size,
             "dask.address": scheduler,
+            "dask.cluster": str(Path(cluster_file).resolve()) if cluster_file else None,
             "dask.n_workers": workers,
             "dask.tiles_per_task": tiles_per_task,
             "dask.gpu": gpu,
@@ -123,8 +131,10 @@ def predict(
         owned = recorded_outputs(Path(run_dir))
     layout = plan_outputs(output, paths, fmt, cfg.export.layer, overwrite, owned)
     if serial:
-        if scheduler or workers or run_dir or fresh or accept_repaired:
-            raise click.UsageError("--serial runs in this process; drop --scheduler/--workers/--run-dir/--fresh/--accept-repaired")
+        if scheduler or cluster_file or workers or run_dir or fresh or accept_repaired:
+            raise click.UsageError(
+                "--serial runs in this process; drop --scheduler/--cluster/--workers/--run-dir/--fresh/--accept-repaired"
+            )
         if layout.per_input is None and len(paths) > 1:
             raise click.UsageError("several inputs into one file need the Dask workflow; drop --serial or give a folder (-o out/)")
         targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
@@ -189,10 +199,12 @@ def _run_dask(
     accept_repaired: bool = False,
 ) -> None:
     from geomask.raster import inspect_raster
-    from workflows.cluster import connect
+    from workflows.cluster import connect, load_cluster_file
     from workflows.job import run_job
     from workflows.store import open_run_dir
 
+    if cfg.dask.cluster is not None:  # a bad cluster file fails here, in one line, before anything is written
+        load_cluster_file(cfg.dask.cluster)
     for path in paths:  # bad inputs fail here, in one line, before a cluster starts (workers check again when planning)
         inspect_raster(path)
     store = open_run_dir(Path(run_dir), paths, cfg, fresh, accept_repaired) if run_dir else None
