@@ -392,3 +392,30 @@ def test_init_coco_by_name_from_the_torch_cache(tmp_path: Path, monkeypatch: pyt
     assert all(k.endswith("num_batches_tracked") for k in state if k not in coco)
     with pytest.raises(WeightsError, match="holds a 'resnet50_fpn' model but training uses arch 'tiny_fpn'; set --arch resnet50_fpn"):
         init_weights(build_model("tiny_fpn", 2, 64), "coco", 2, "tiny_fpn")
+
+
+def test_no_validation_trains_on_every_raster(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--no-val`` (``val_images=[]``): the final run of a recipe chosen by cross-validation trains on every
+    raster, including the last folder's that the default would hold out, and needs ``keep="last"``."""
+    from workflows.cli import main
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    img_a, lab_a, _ = square_scene(tmp_path / "a", "na", 9, size=128, n=4)
+    img_b, lab_b, _ = square_scene(tmp_path / "b", "nb", 10, size=128, n=4)
+    data = ([str(img_a), str(img_b)], [str(lab_a), str(lab_b)])
+    short = SETTINGS.replace(iterations=2, val_every=2, log_every=1, batch_size=2, chip_size_px=64, rois_per_image=16)
+    held = train(*data, tmp_path / "held.pt", short)
+    meta = load_checkpoint(tmp_path / "held.pt").meta
+    assert meta is not None and meta.training["val_images"] == ["nb.tif"] and meta.training["images"] == ["na.tif"]
+    assert "val_f1" in held.history[-1]
+    train(*data, tmp_path / "all.pt", short.replace(keep="last"), val_images=[])
+    meta = load_checkpoint(tmp_path / "all.pt").meta
+    assert meta is not None and meta.training["val_images"] == [] and sorted(meta.training["images"]) == ["na.tif", "nb.tif"]
+    assert "val_f1" not in meta.metrics and meta.metrics["iteration"] == 2
+    with pytest.raises(ConfigError, match="keep last"):
+        train(*data, tmp_path / "best.pt", short, val_images=[])
+    args = ["train", "--images", str(img_a), "--labels", str(lab_a), "-o", str(tmp_path / "c.pt"), "--arch", "tiny_fpn"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--native-gsd", "--no-val", "--val-images", str(img_b), "--keep", "last"])
+    assert exit_info.value.code == 2 and "--no-val and --val-images" in capsys.readouterr().err

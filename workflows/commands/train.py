@@ -79,6 +79,12 @@ def _check_output(output: Path, replace: bool) -> None:
 @click.option("--epochs", type=int, help="Validation rounds; iterations = epochs x --val-every.")
 @click.option("--val-every", type=int, help="Iterations per epoch (validation and best checkpoint).")
 @click.option("--val-images", multiple=True, help="Validation rasters (held out from training; default: the last area folder).")
+@click.option(
+    "--no-val",
+    "no_val",
+    is_flag=True,
+    help="Train on every image and validate on none (with --keep last): the final run of a recipe chosen by cross-validation.",
+)
 @click.option("--val-labels", multiple=True, help="Validation labels (default: --labels).")
 @click.option("--gsd", "gsd_m", type=float, help="Resample chips to this ground sample distance in metres.")
 @click.option("--native-gsd", is_flag=True, help="Train at the rasters' own resolution (no resampling).")
@@ -118,6 +124,7 @@ def train(
     config_path: str | None,
     val_images: tuple[str, ...],
     val_labels: tuple[str, ...],
+    no_val: bool,
     native_gsd: bool,
     epochs: int | None,
     resume: bool,
@@ -142,13 +149,15 @@ def train(
     if epochs is not None:
         values["iterations"] = epochs * int(values.get("val_every", TrainSettings.model_fields["val_every"].default))
     settings = TrainSettings(**values)
+    if no_val and val_images:
+        raise ConfigError("--no-val and --val-images contradict each other; give one of them")
     _check_output(Path(output), resume or overwrite)
     result = run_training(
         list(images),
         list(labels),
         output,
         settings,
-        val_images=list(val_images) or None,
+        val_images=[] if no_val else list(val_images) or None,
         val_labels=list(val_labels) or None,
         resume=resume,
         command=_command_line(click.get_current_context()),

@@ -76,7 +76,12 @@ def load_data(
         ConfigError: No raster is left for training. LabelError: no label overlaps the training rasters.
     """
     all_images = expand_paths(images)
-    val_list = expand_paths(val_images) if val_images else _default_holdout(all_images)
+    if val_images is None:
+        val_list = _default_holdout(all_images)
+    else:  # an empty list: no validation, every raster trains (a shipped model's final run)
+        val_list = expand_paths(val_images) if val_images else []
+        if not val_list and settings.keep == "best":
+            raise ConfigError("without validation rasters there is no best checkpoint; add --keep last")
     train_list = [p for p in all_images if p not in val_list]
     if not train_list:
         raise ConfigError("every image is a validation image; give --val-images that leave some images for training")
@@ -350,6 +355,7 @@ def train(
         settings: Training settings (validated when they were built).
         val_images: Validation rasters (paths or globs); excluded from training. ``None``: hold out the
             rasters of the last folder when images come from several folders, else the last raster.
+            ``[]``: no validation; every raster trains (needs ``settings.keep == "last"``).
         val_labels: Labels for validation (default: ``labels``).
         resume: Continue from ``output.last.pt``.
         command: Command line, recorded in the checkpoint.
