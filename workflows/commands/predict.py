@@ -4,7 +4,8 @@ Exit codes (all of them in :mod:`workflows.exits`): 0 when every tile was proces
 config or input error (nothing is done); 3 when the job finished and wrote its outputs but some tiles
 failed for a data reason (they are listed in ``RUN_DIR/failures.jsonl``, or in the log without
 ``--run-dir``, and redone by the next run with the same ``--run-dir``); 4 lost scheduler, 5 stalled,
-130 Ctrl-C, 143 SIGTERM: nothing written, finished work kept in ``--run-dir``.
+130 Ctrl-C, 143 SIGTERM: nothing written, finished work kept in ``--run-dir``; 6 no cluster to run
+on (the local one could not start, or no worker joined ``--scheduler``'s; nothing ran).
 """
 
 from __future__ import annotations
