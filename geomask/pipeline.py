@@ -20,12 +20,13 @@ from shapely.geometry.base import BaseGeometry
 
 from geomask.config import Config, ShapeClassConfig, merge_overrides
 from geomask.coverage import Coverage, aoi_in_pixels, load_aoi, raster_coverage, select_tiles
-from geomask.detect.base import Detector, ModelHints, load_detector
+from geomask.detect.base import Detector, ModelCard, ModelHints, load_detector, model_card
 from geomask.errors import ConfigError, DetectorError
 from geomask.export import check_writable, to_frame, write_output
 from geomask.inference import TileFailure, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_across_tiles
+from geomask.progress import SerialProgress
 from geomask.raster import (
     Grid,
     NormStats,
@@ -120,25 +121,7 @@ class RunSummary:
     load_seconds: float = 0.0  # of which building the detector (loading the model)
     run_id: str = ""
     failures: list[TileFailure] = field(default_factory=list)
-
-
-class SerialProgress:
-    """Log tiles done/total and the rate every ``every_s`` seconds, as the Dask path does, so a long serial run is never silent."""
-
-    def __init__(self, source: str, total: int, every_s: float):
-        self.source, self.total, self.every_s = source, total, every_s
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, tiles: int) -> None:
-        self.done += tiles
-        now = time.perf_counter()
-        if now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            rate = self.done / (now - self.start) if now > self.start else 0.0
-            log.info(
-                "%s: tiles %d/%d (%.0f%%), %.2f tiles/s", self.source, self.done, self.total, 100.0 * self.done / max(1, self.total), rate
-            )
+    model_card: ModelCard = field(default_factory=ModelCard)  # what the model's file states (the report shows it)
 
 
 def build_detector(config: Config) -> Detector:
@@ -227,7 +210,7 @@ class Detections:
 
 
 def detect_tiles(
-    plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int, progress: Callable[[int], None] | None = None
+    plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int, progress: Callable[[int, int, int], None] | None = None
 ) -> Detections:
     """Read, detect and clean every tile in ``tiles`` (:func:`geomask.inference.run_tiles`)."""
     found: list[Instance] = []
@@ -316,7 +299,8 @@ def predict_raster(
 ) -> tuple[RasterPlan, list[Feature], RunSummary]:
     """Run every step on one raster in this process; return the plan, features and a summary.
 
-    ``progress_every_s`` logs tiles done/total and the rate that often (``None``: no progress lines).
+    ``progress_every_s`` logs tiles done/total and the rate that often (``None``: no progress lines);
+    on a terminal a live bar is drawn instead.
     """
     t0 = time.perf_counter()
     plan = plan_raster(path, resolve_config(config, detector.hints))
@@ -324,6 +308,8 @@ def predict_raster(
     warn_resampling(plan)
     progress = SerialProgress(str(path), len(plan.tiles), progress_every_s) if progress_every_s is not None else None
     found = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size, progress)
+    if progress is not None:
+        progress.close()
     instances = found.instances
     merged = merge_across_tiles(instances, plan.tile_lookup, plan.config.merge.ios_threshold)
     feats = shape_plan(plan, in_aoi(plan, vectorize_plan(plan, merged)), detector.classes)
@@ -370,6 +356,7 @@ def run_serial(
     load_seconds = time.perf_counter() - t_load
     plan, feats, summary = predict_raster(path, config, det, progress_every_s)
     summary.run_id = new_run_id()
+    summary.model_card = model_card(det)
     frame = to_frame(feats, det.classes, plan.info.crs, Path(plan.info.path).name, det.name, summary.run_id)
     summary.output = write_output(frame, output, plan.config, overwrite)
     summary.seconds, summary.load_seconds = time.perf_counter() - t0, load_seconds
