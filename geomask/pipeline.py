@@ -157,7 +157,7 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     info = inspect_raster(path)
     grid = working_grid(info, config.raster.gsd_m, config.raster.max_resample_factor)
     bands = resolve_bands(info, config.raster.bands)
-    coverage = raster_coverage(info) if config.tiling.skip_empty else Coverage.everywhere(info.width, info.height)
+    coverage = raster_coverage(info, config.tiling.scan_mask) if config.tiling.skip_empty else Coverage.everywhere(info.width, info.height)
     norm = config.raster.normalize
     stats = compute_norm_stats(
         info,
