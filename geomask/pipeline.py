@@ -157,7 +157,9 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     info = inspect_raster(path)
     grid = working_grid(info, config.raster.gsd_m, config.raster.max_resample_factor)
     bands = resolve_bands(info, config.raster.bands)
+    t_cov = time.perf_counter()
     coverage = raster_coverage(info, config.tiling.scan_mask) if config.tiling.skip_empty else Coverage.everywhere(info.width, info.height)
+    t_cov = time.perf_counter() - t_cov
     norm = config.raster.normalize
     stats = compute_norm_stats(
         info,
@@ -184,7 +186,7 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     if aoi is not None and not tiles:
         log.warning("%s: the AOI %s does not touch the raster's valid pixels; nothing to detect", info.path, config.tiling.aoi)
     log.info(
-        "%s: %dx%d px (%.3f m), %d of %d tiles of %d px planned (%d empty by %s, %d outside the AOI), overlap %d px",
+        "%s: %dx%d px (%.3f m), %d of %d tiles of %d px planned (%d empty by %s in %.1f s, %d outside the AOI), overlap %d px",
         info.path,
         grid.width,
         grid.height,
@@ -194,6 +196,7 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
         size,
         n_empty,
         coverage.method,
+        t_cov,
         n_outside,
         overlap,
     )
