@@ -1,7 +1,7 @@
 """Empty regions cost nothing: time and memory of mostly-nodata rasters, with and without tile skipping.
 
 Usage: python bench/sparse.py [--side 100000] [--mosaic 12000] [--collar 8000] [--before-timeout 120] [--dask]
-                              [--scenes sparse sparse+ovr mosaic collar]
+                              [--scenes sparse sparse+ovr mosaic collar] [--no-preview]
 
 Scenes (written block by block, empty blocks never written, so they stay small on disk):
 
@@ -108,7 +108,9 @@ def holding_valid(side: int, areas: list[shapely.Polygon]) -> tuple[int, int]:
     return len(tiles), int(np.count_nonzero(shapely.area(inside) > 0))
 
 
-def run(image: Path, labels: Path, work: Path, skip: bool, dask: bool, timeout: float, scan: bool = False) -> dict[str, object]:
+def run(
+    image: Path, labels: Path, work: Path, skip: bool, dask: bool, timeout: float, scan: bool = False, preview: bool = True
+) -> dict[str, object]:
     cfg = work / f"cfg_{skip}_{scan}.yaml"
     cfg.write_text(
         yaml.safe_dump(
@@ -121,7 +123,7 @@ def run(image: Path, labels: Path, work: Path, skip: bool, dask: bool, timeout: 
     )
     out = work / "out.gpkg"
     cmd = [sys.executable, "-m", "workflows.cli", "-v", "predict", str(image), "-o", str(out), "-c", str(cfg), "--overwrite"]
-    cmd += [] if dask else ["--serial"]
+    cmd += ([] if dask else ["--serial"]) + ([] if preview else ["--no-preview"])
     probe = (
         "import resource, subprocess, sys; p = subprocess.run(sys.argv[2:], timeout=float(sys.argv[1]), capture_output=True, text=True); "
         "sys.stderr.write(p.stderr[-3000:]); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
@@ -156,6 +158,7 @@ def main() -> None:
     ap.add_argument("--collar", type=int, default=8000)
     ap.add_argument("--before-timeout", type=float, default=120.0)
     ap.add_argument("--dask", action="store_true", help="also run the Dask path (2 workers)")
+    ap.add_argument("--no-preview", action="store_true", help="predict without the quick-look (the tile skipping alone)")
     ap.add_argument("--scenes", nargs="+", default=list(SCENES), choices=SCENES, help="which scenes to write and run")
     args = ap.parse_args()
     rows = []
@@ -180,7 +183,7 @@ def main() -> None:
                 modes = [("before", False, False)] if args.before_timeout > 0 else []
                 modes += [("after", True, False)] + ([("after + mask scan", True, True)] if name == "collar" else [])
                 for label, skip, scan in modes:
-                    r = run(image, labels, work, skip, path == "dask", args.before_timeout if not skip else 1800, scan)
+                    r = run(image, labels, work, skip, path == "dask", args.before_timeout if not skip else 1800, scan, not args.no_preview)
                     rows.append({"scene": name, "path": path, "skip": label, "total": total, "holding": holding, **r})
                     print(json.dumps(rows[-1]), file=sys.stderr)
             print(f"# {name}: written in {t_write:.1f} s, {size / 1e6:.1f} MB on disk", file=sys.stderr)
