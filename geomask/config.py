@@ -66,6 +66,7 @@ class TilingConfig(_Model):
     overlap_m: float | None = Field(None, gt=0)
     aoi: str | None = Field(None, description="OGR vector file: only tiles touching it are read, only objects touching it kept")
     skip_empty: bool = Field(True, description="plan no tile that provably holds no valid pixel (sparse blocks, overviews)")
+    scan_mask: bool = Field(False, description="with skip_empty, scan the full-resolution mask when the file gives no cheaper evidence")
 
     @model_validator(mode="after")
     def _check(self) -> TilingConfig:

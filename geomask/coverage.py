@@ -13,8 +13,12 @@ scheduled. The evidence, cheapest first, and each conservative on its own (so th
   every pixel below is nodata). The dataset mask of the finest overview that fits in
   :data:`MAX_OVERVIEW_PIXELS` is read and grown by one overview pixel (footprints need not align with
   the cells). ``NEAREST`` overviews are not used: a small valid island can vanish from them.
-* Otherwise the whole raster may hold valid pixels (tiles are still skipped when read, as before). A
-  decimated read of the full-resolution mask would cost a full decode, as much as the reads it saves.
+* Otherwise, when asked (``tiling.scan_mask``), a **mask scan**: the dataset mask at full resolution,
+  one band of rows at a time, each band max-pooled into cells (a cell is valid when any pixel in it is).
+  Exact and bounded (:data:`SCAN_BAND_BYTES` of pixels in flight), but it decodes the whole raster
+  once. A decimated read is no proof: nearest resampling samples one pixel per cell, and reading the
+  mask with ``out_shape`` is such a sample too, so a small valid area between samples would be lost.
+* Else the whole raster may hold valid pixels (tiles are still skipped when read, as before).
 
 The area of interest (``tiling.aoi``) uses the same planning step: tiles whose read window misses the
 AOI grown by the tile overlap are not planned, and only objects intersecting the AOI are written.
@@ -51,6 +55,11 @@ BoolArray = npt.NDArray[np.bool_]
 # The overview mask read at most: 4 M pixels (cells of ~50 px on a 100 000² raster, far finer than a tile),
 # so memory stays flat on any raster size. A 6250² overview cost 66 s and 3.3 GB on the sparse benchmark.
 MAX_OVERVIEW_PIXELS = 4 * 1024 * 1024
+# The mask scan reads bands of rows holding at most this many bytes of pixels (GDAL decodes every band to
+# find a nodata mask), so its memory is flat whatever the raster's width; its cells are as many as an
+# overview's at most, and never finer than 32 px.
+SCAN_BAND_BYTES = 32 * 1024 * 1024
+MIN_SCAN_CELL_PX = 32
 # Overview resamplings after which a footprint with any valid pixel is valid (GDAL skips nodata in them).
 CONSERVATIVE_RESAMPLING = frozenset({"AVERAGE", "RMS"})
 
@@ -180,6 +189,25 @@ def _overview_coverage(src: rasterio.DatasetReader, info: RasterInfo) -> Coverag
     return None
 
 
+def _scan_mask(src: rasterio.DatasetReader) -> Coverage:
+    """Return the dataset mask max-pooled into cells, scanned at full resolution one band of rows at a time (exact)."""
+    width, height = src.width, src.height
+    cell = max(MIN_SCAN_CELL_PX, math.ceil(math.sqrt(width * height / MAX_OVERVIEW_PIXELS)))
+    n_r, n_c = math.ceil(height / cell), math.ceil(width / cell)
+    row_bytes = width * sum(np.dtype(d).itemsize for d in src.dtypes)
+    band_cells = max(1, SCAN_BAND_BYTES // (row_bytes * cell))  # rows of cells per read
+    cells = np.zeros((n_r, n_c), dtype=bool)
+    for i in range(0, n_r, band_cells):
+        r0 = i * cell
+        rows = min(band_cells * cell, height - r0)
+        valid = src.dataset_mask(window=Window(0, r0, width, rows)) > 0
+        k = math.ceil(rows / cell)
+        padded = np.zeros((k * cell, n_c * cell), dtype=bool)  # the last cells of a row/column may be partial
+        padded[:rows, :width] = valid
+        cells[i : i + k] = padded.reshape(k, cell, n_c, cell).any(axis=(1, 3))
+    return Coverage(float(cell), float(cell), cells, "mask-scan")
+
+
 def _nodata_at_extreme(info: RasterInfo) -> bool:
     """Return whether an average of valid values can never equal the nodata value (it lies outside their range)."""
     if info.nodata is None:
@@ -192,10 +220,11 @@ def _nodata_at_extreme(info: RasterInfo) -> bool:
     return math.isinf(info.nodata)
 
 
-def raster_coverage(info: RasterInfo) -> Coverage:
+def raster_coverage(info: RasterInfo, scan: bool = False) -> Coverage:
     """Find where ``info``'s valid pixels may be, from block offsets and trusted overviews (see the module doc).
 
-    Reads no full-resolution pixel except one unwritten block (to check that it reads as nodata).
+    Reads no full-resolution pixel except one unwritten block (to check that it reads as nodata), unless
+    neither gives evidence and ``scan`` asks for the exact full-resolution mask scan.
     """
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(info.path) as src:
         flags = {f for band in src.mask_flag_enums for f in band}
@@ -210,6 +239,8 @@ def raster_coverage(info: RasterInfo) -> Coverage:
             overview = _overview_coverage(src, info)
             if overview is not None:
                 found.append(overview)
+        if not found and scan:
+            found.append(_scan_mask(src))
     if not found:
         return Coverage.everywhere(info.width, info.height)
     cov = found[0]

@@ -190,21 +190,24 @@ def run_tiles(
     batch_size: int,
     consume: Callable[[list[Instance]], None],
     lock: threading.Lock | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int, int], None] | None = None,
 ) -> TileRun:
     """Read, detect and clean ``tiles``, handing each tile's instances to ``consume``; failures are recorded.
 
-    ``progress`` is told how many tiles each batch covered (detected, skipped as nodata or failed).
+    ``progress`` is told, per batch, how many tiles it covered (detected, skipped as nodata or failed),
+    the instances found in them and the tiles that failed.
     """
     run = TileRun(n_tiles=len(tiles))
     for n_batches, batch in enumerate(prefetch(read_batches(reader, tiles, batch_size)), start=1):
         run.n_skipped += batch.skipped
+        failed_before, found_before = len(run.failures), run.n_instances
         run.failures += batch.failures
         for found in detect_batch(detector, batch.images, run.failures, lock):
             run.n_instances += len(found)
             consume(found)
         if progress is not None:
-            progress(len(batch.images) + batch.skipped + len(batch.failures))
+            n_failed = len(run.failures) - failed_before  # read failures and tiles the detector rejected
+            progress(len(batch.images) + batch.skipped + len(batch.failures), run.n_instances - found_before, n_failed)
         del batch
         if n_batches % 16 == 0:
             release_freed_memory()

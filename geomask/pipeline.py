@@ -20,12 +20,13 @@ from shapely.geometry.base import BaseGeometry
 
 from geomask.config import Config, ShapeClassConfig, merge_overrides
 from geomask.coverage import Coverage, aoi_in_pixels, load_aoi, raster_coverage, select_tiles
-from geomask.detect.base import Detector, ModelHints, load_detector
+from geomask.detect.base import Detector, ModelCard, ModelHints, load_detector, model_card
 from geomask.errors import ConfigError, DetectorError
 from geomask.export import check_writable, to_frame, write_output
 from geomask.inference import TileFailure, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_across_tiles
+from geomask.progress import SerialProgress
 from geomask.raster import (
     Grid,
     NormStats,
@@ -120,25 +121,7 @@ class RunSummary:
     load_seconds: float = 0.0  # of which building the detector (loading the model)
     run_id: str = ""
     failures: list[TileFailure] = field(default_factory=list)
-
-
-class SerialProgress:
-    """Log tiles done/total and the rate every ``every_s`` seconds, as the Dask path does, so a long serial run is never silent."""
-
-    def __init__(self, source: str, total: int, every_s: float):
-        self.source, self.total, self.every_s = source, total, every_s
-        self.done = 0
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, tiles: int) -> None:
-        self.done += tiles
-        now = time.perf_counter()
-        if now - self.last >= self.every_s or self.done == self.total:
-            self.last = now
-            rate = self.done / (now - self.start) if now > self.start else 0.0
-            log.info(
-                "%s: tiles %d/%d (%.0f%%), %.2f tiles/s", self.source, self.done, self.total, 100.0 * self.done / max(1, self.total), rate
-            )
+    model_card: ModelCard = field(default_factory=ModelCard)  # what the model's file states (the report shows it)
 
 
 def build_detector(config: Config) -> Detector:
@@ -174,7 +157,9 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     info = inspect_raster(path)
     grid = working_grid(info, config.raster.gsd_m, config.raster.max_resample_factor)
     bands = resolve_bands(info, config.raster.bands)
-    coverage = raster_coverage(info) if config.tiling.skip_empty else Coverage.everywhere(info.width, info.height)
+    t_cov = time.perf_counter()
+    coverage = raster_coverage(info, config.tiling.scan_mask) if config.tiling.skip_empty else Coverage.everywhere(info.width, info.height)
+    t_cov = time.perf_counter() - t_cov
     norm = config.raster.normalize
     stats = compute_norm_stats(
         info,
@@ -201,7 +186,7 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
     if aoi is not None and not tiles:
         log.warning("%s: the AOI %s does not touch the raster's valid pixels; nothing to detect", info.path, config.tiling.aoi)
     log.info(
-        "%s: %dx%d px (%.3f m), %d of %d tiles of %d px planned (%d empty by %s, %d outside the AOI), overlap %d px",
+        "%s: %dx%d px (%.3f m), %d of %d tiles of %d px planned (%d empty by %s in %.1f s, %d outside the AOI), overlap %d px",
         info.path,
         grid.width,
         grid.height,
@@ -211,6 +196,7 @@ def plan_raster(path: str | Path, config: Config) -> RasterPlan:
         size,
         n_empty,
         coverage.method,
+        t_cov,
         n_outside,
         overlap,
     )
@@ -227,7 +213,7 @@ class Detections:
 
 
 def detect_tiles(
-    plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int, progress: Callable[[int], None] | None = None
+    plan: RasterPlan, tiles: Sequence[Tile], detector: Detector, batch_size: int, progress: Callable[[int, int, int], None] | None = None
 ) -> Detections:
     """Read, detect and clean every tile in ``tiles`` (:func:`geomask.inference.run_tiles`)."""
     found: list[Instance] = []
@@ -316,7 +302,8 @@ def predict_raster(
 ) -> tuple[RasterPlan, list[Feature], RunSummary]:
     """Run every step on one raster in this process; return the plan, features and a summary.
 
-    ``progress_every_s`` logs tiles done/total and the rate that often (``None``: no progress lines).
+    ``progress_every_s`` logs tiles done/total and the rate that often (``None``: no progress lines);
+    on a terminal a live bar is drawn instead.
     """
     t0 = time.perf_counter()
     plan = plan_raster(path, resolve_config(config, detector.hints))
@@ -324,6 +311,8 @@ def predict_raster(
     warn_resampling(plan)
     progress = SerialProgress(str(path), len(plan.tiles), progress_every_s) if progress_every_s is not None else None
     found = detect_tiles(plan, plan.tiles, detector, plan.config.detector.batch_size, progress)
+    if progress is not None:
+        progress.close()
     instances = found.instances
     merged = merge_across_tiles(instances, plan.tile_lookup, plan.config.merge.ios_threshold)
     feats = shape_plan(plan, in_aoi(plan, vectorize_plan(plan, merged)), detector.classes)
@@ -370,6 +359,7 @@ def run_serial(
     load_seconds = time.perf_counter() - t_load
     plan, feats, summary = predict_raster(path, config, det, progress_every_s)
     summary.run_id = new_run_id()
+    summary.model_card = model_card(det)
     frame = to_frame(feats, det.classes, plan.info.crs, Path(plan.info.path).name, det.name, summary.run_id)
     summary.output = write_output(frame, output, plan.config, overwrite)
     summary.seconds, summary.load_seconds = time.perf_counter() - t0, load_seconds

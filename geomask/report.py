@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from geomask.atomic import write_text_atomic
+from geomask.detect.base import ModelCard
 from geomask.evaluate import Evaluation, Scores
 from geomask.matching import match_one_to_one, overlapping_pairs
 
@@ -34,6 +35,35 @@ th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #ccc}pre{background:#f6f6f6;padding:.6em;overflow:auto;font-size:12px}
 .bad{color:#b00}
 """
+
+
+#: Metric name prefixes, most telling first: scores on images the model never trained on beat chip-level validation.
+_SPLITS = (("heldout_", "held-out images"), ("test_", "test images"), ("val_", "validation chips"))
+_SCORES = (("precision", "precision"), ("recall", "recall"), ("ap50", "AP50"), ("ap", "AP"))
+
+
+def card_rows(card: ModelCard) -> dict[str, str]:
+    """Return the report's model rows for what the model's file states: expected accuracy, its source, all metrics.
+
+    The expected accuracy is the F1 of the most telling split the file names (held-out, then test, then
+    validation), as stored; nothing is computed or rounded beyond three decimals.
+    """
+    metrics = dict(card.metrics)
+    rows = {"expected accuracy": "not stated: the model's file carries no accuracy metrics"}
+    for prefix, split in _SPLITS:
+        f1 = metrics.get(prefix + "f1")
+        if f1 is None:
+            continue
+        parts = [f"F1 {f1:.3f}"] + [f"{label} {metrics[prefix + key]:.3f}" for key, label in _SCORES if prefix + key in metrics]
+        n_truth = metrics.get(prefix + "n_truth")
+        rows["expected accuracy"] = f"{', '.join(parts)} on {split}" + (f" ({n_truth:.0f} objects)" if n_truth else "")
+        break
+    if metrics:
+        rows["accuracy source"] = card.source or "the detector's card"
+        rows["stated metrics"] = ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()))
+    if card.attribution:
+        rows["attribution"] = card.attribution
+    return rows
 
 
 @dataclass(frozen=True)

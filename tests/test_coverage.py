@@ -109,6 +109,25 @@ def test_only_overviews_that_keep_partial_footprints_valid_are_trusted(tmp_path:
         assert cov.windows_may_hold([40], [300], [43], [303])[0]
 
 
+def test_the_mask_scan_is_exact_where_a_decimated_read_is_not(tmp_path: Path) -> None:
+    """A striped raster written in full (a stored nodata collar): no sparse block, no overview to go by."""
+    data = np.zeros((3, 700, 900), np.uint8)
+    data[:, 301, 45] = 120  # a one-pixel island, between the samples of a decimated read
+    data[:, 640:700, 820:900] = 50
+    image = write_raster(tmp_path / "striped.tif", data, TRANSFORM, nodata=0, tiled=False, compress="deflate")
+    info = inspect_raster(image)
+    assert raster_coverage(info).method == "everywhere"  # without the scan nothing is known
+    with rasterio.open(image) as src:
+        decimated = src.dataset_mask(out_shape=(22, 29), resampling=rasterio.enums.Resampling.nearest)
+    assert decimated[301 * 22 // 700, 45 * 29 // 900] == 0  # the island is lost: a decimated read proves nothing
+    cov = raster_coverage(info, scan=True)
+    assert cov.method == "mask-scan" and cov.cell_width_px == cov.cell_height_px == 32.0
+    expected = np.zeros(cov.cells.shape, bool)
+    expected[301 // 32, 45 // 32] = True
+    expected[640 // 32 :, 820 // 32 :] = True
+    assert np.array_equal(cov.cells, expected)  # exactly the cells holding a valid pixel, no more
+
+
 @st.composite
 def masks(draw: st.DrawFn) -> tuple[np.ndarray, int]:
     block = draw(st.sampled_from([16, 32]))
@@ -132,6 +151,8 @@ def masks(draw: st.DrawFn) -> tuple[np.ndarray, int]:
     overviews=st.sampled_from([(), (2, 4), (4, 8, 16)]),
     resampling=st.sampled_from(["average", "nearest"]),
     sparse=st.booleans(),
+    striped=st.booleans(),
+    scan=st.booleans(),
     size=st.integers(16, 96),
     scale=st.sampled_from([1.0, 0.6, 1.7]),
     data=st.data(),
@@ -142,6 +163,8 @@ def test_no_tile_holding_a_valid_pixel_is_ever_skipped(
     overviews: tuple[int, ...],
     resampling: str,
     sparse: bool,
+    striped: bool,
+    scan: bool,
     size: int,
     scale: float,
     data: st.DataObject,
@@ -158,7 +181,8 @@ def test_no_tile_holding_a_valid_pixel_is_ever_skipped(
         )
     else:
         pixels = np.where(valid, 100, 0).astype(np.uint8)[None].repeat(3, 0)
-        image = write_raster(d / "dense.tif", pixels, TRANSFORM, nodata=0, tiled=True, blockxsize=block, blockysize=block)
+        layout = {"tiled": False} if striped else {"tiled": True, "blockxsize": block, "blockysize": block}
+        image = write_raster(d / "dense.tif", pixels, TRANSFORM, nodata=0, **layout)
         if overviews:
             with rasterio.open(image, "r+") as dst:
                 dst.build_overviews(list(overviews), rasterio.enums.Resampling[resampling])
@@ -166,7 +190,11 @@ def test_no_tile_holding_a_valid_pixel_is_ever_skipped(
     grid = working_grid(info, info.gsd_m * scale)
     overlap = data.draw(st.integers(1, size - 1))
     tiles = plan_tiles(grid.width, grid.height, size, overlap)
-    cov = raster_coverage(info)
+    cov = raster_coverage(info, scan=scan)
+    if not scan:
+        assert "mask-scan" not in cov.method
+    elif not sparse and (not overviews or resampling == "nearest"):
+        assert cov.method == "mask-scan"  # no other evidence: the scan is the fallback
     kept = cov.tiles_may_hold(grid, [t.read for t in tiles])
     identity = NormStats((0.0,) * 3, (1.0,) * 3, "none")
     with RasterReader(info, grid, [1, 2, 3], identity) as reader:
@@ -185,6 +213,16 @@ def test_skipping_empty_tiles_gives_the_same_objects(scene: tuple[Path, Path]) -
     assert len(ref) > 40 and geoms(feats) == geoms(ref)
     assert summary.n_tiles_empty > 0 and summary.n_tiles + summary.n_tiles_empty == ref_summary.n_tiles == 49
     assert {t.index for t in plan.tiles} < {t.index for t in ref_plan.tiles}
+
+
+def test_the_mask_scan_skips_a_stored_collar_with_the_same_objects(scene: tuple[Path, Path], tmp_path: Path) -> None:
+    image, labels = scene
+    with rasterio.open(image) as src:  # the same pixels, striped and written in full: nothing sparse
+        striped = write_raster(tmp_path / "striped.tif", src.read(), src.transform, nodata=0, tiled=False, compress="deflate")
+    _, feats, summary = predict_raster(striped, config(labels, **{"tiling.scan_mask": True}), TruthDetector(labels))
+    _, ref, ref_summary = predict_raster(striped, config(labels), TruthDetector(labels))
+    assert ref_summary.n_tiles_empty == 0 and ref_summary.n_tiles == 49  # without the scan: no evidence
+    assert summary.n_tiles_empty > 0 and len(ref) > 40 and geoms(feats) == geoms(ref)
 
 
 # -- the area of interest --------------------------------------------------------------------------

@@ -95,7 +95,7 @@ def test_round_trip(tmp_path: Path, reference: tuple[Path, Path, gpd.GeoDataFram
     assert set(frame["class"]) == {"object"} and set(frame["source"]) == {image.name}
     assert frame["run_id"].nunique() == 1 and frame["model"].iloc[0].startswith("truth:")
     sidecar = yaml.safe_load(config_sidecar(out).read_text())
-    assert sidecar["tiling"] == {"size_px": 128, "overlap_px": 16, "overlap_m": None, "aoi": None, "skip_empty": True}
+    assert sidecar["tiling"] == {"size_px": 128, "overlap_px": 16, "overlap_m": None, "aoi": None, "skip_empty": True, "scan_mask": False}
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp files left
     if fmt.layer_name:  # and in a GeoPackage QGIS's style table (tests/test_qgis_style.py)
         assert [str(name) for name, _ in pyogrio.list_layers(out)] == ["instances", *(["layer_styles"] if fmt.layered else [])]

@@ -99,6 +99,8 @@ def test_onnx_matches_torch_on_real_tiles(models: tuple[Path, Path, Path]) -> No
     onnx_det = load_detector("geomask.detect.maskrcnn:build", {"weights": str(onnx_path), "device": "cpu", "score_threshold": 0.3})
     assert isinstance(onnx_det, OnnxDetector)  # chosen by the suffix
     assert onnx_det.classes == torch_det.classes == ("square",) and onnx_det.hints == torch_det.hints
+    assert onnx_det.card.metrics == torch_det.card.metrics and onnx_det.card.attribution == torch_det.card.attribution == "synthetic"
+    assert str(onnx_path) in onnx_det.card.source and str(ckpt) in torch_det.card.source  # each names its own file
     batch = tiles(image)
     found = 0
     for image_tile, o, t in zip(batch, onnx_det.detect(batch), torch_det.detect(batch), strict=True):

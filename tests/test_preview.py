@@ -88,3 +88,27 @@ def test_predict_writes_a_preview_and_the_command_redraws_it(tmp_path: Path, ser
     assert not (tmp_path / "b.gpkg.preview.png").exists()
     main(["preview", str(out), "--image", str(image), "-o", str(tmp_path / "again.png")])
     assert Image.open(tmp_path / "again.png").size == (1200, 750)
+
+
+def test_a_large_raster_without_overviews_is_sampled_not_averaged(tmp_path: Path) -> None:
+    """Averaging every pixel of a big mosaic took minutes; nearest decodes each block once. Overviews restore the average."""
+    from rasterio.enums import Resampling
+
+    from geomask.preview import overview_resampling
+    from geomask.testing import write_sparse_scene
+
+    side = 9216  # just over AVERAGE_MAX_PIXELS; mostly unwritten, so it stays small on disk
+    labels = np.zeros((1024, 1024), np.int32)
+    labels[100:200, 100:300] = 1
+    transform = Affine(GSD, 0, ORIGIN[0], 0, -GSD, ORIGIN[1])
+    image, _ = write_sparse_scene(tmp_path, side, side, transform, "EPSG:32633", [(0, 0, labels, np.ones_like(labels, bool))], 512)
+    with rasterio.open(image) as src:
+        assert overview_resampling(src) == Resampling.nearest
+    png = render_preview(_cluster(), tmp_path / "big.png", image)
+    assert Image.open(png).size == (round(FIGSIZE_IN[0] * DPI), round(FIGSIZE_IN[1] * DPI))
+    with rasterio.open(image, "r+") as dst:
+        dst.build_overviews([8, 32], Resampling.average)
+    with rasterio.open(image) as src:
+        assert overview_resampling(src) == Resampling.average
+    with rasterio.open(_raster(tmp_path / "small.tif")) as src:
+        assert overview_resampling(src) == Resampling.average  # a small raster is averaged without overviews

@@ -161,3 +161,37 @@ def _page_requests(chromium: str, page: Path) -> list[str]:
         if "method" in params and initiator is not None and initiator != "not an origin" and url.startswith(("http:", "https:", "ws")):
             urls.append(url)
     return sorted(set(urls))
+
+
+@pytest.mark.parametrize("path", ["serial", "dask"])
+def test_the_report_shows_the_accuracy_the_checkpoint_states_and_where_it_is_written(
+    tmp_path: Path, path: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("torch")
+    from geomask.detect.checkpoint import export_half
+    from geomask.models import bundled_model_path
+    from geomask.testing import make_scene, write_scene
+    from tests.helpers import UTM, UTM_TRANSFORM
+
+    bundled = bundled_model_path(None)
+    assert bundled is not None
+    stated = {"heldout_f1": 0.6123, "heldout_precision": 0.7119, "heldout_recall": 0.5455, "heldout_n_truth": 231.0, "val_f1": 0.5}
+    weights = export_half(bundled, tmp_path / "stated.pt", metrics=stated)
+    image, _ = write_scene(tmp_path, make_scene(128, 128, 4, seed=1, max_size_px=40, n_big=0), UTM_TRANSFORM, UTM)
+    out = tmp_path / "out.gpkg"
+    extra = ["--serial"] if path == "serial" else ["--workers", "1"]
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "predict", str(image), "-o", str(out), "--weights", str(weights), "--no-preview", *extra])
+        raise SystemExit(0)
+    assert exc.value.code in (0, None), capsys.readouterr().err
+    page = (tmp_path / "out.gpkg.report.html").read_text()
+    assert "<td>expected accuracy</td><td>F1 0.612, precision 0.712, recall 0.545 on held-out images (231 objects)</td>" in page
+    assert f"<td>accuracy source</td><td>the checkpoint&#x27;s metrics ({weights})</td>" in page
+    assert "val_f1 0.5" in page  # every stated metric is listed, the chip-level validation too
+    assert "OpenStreetMap" in page  # the attribution travels with the model
+
+
+def test_a_model_that_states_no_accuracy_is_reported_as_such(run: tuple[Path, Path]) -> None:
+    page = run[1].read_text()  # the truth detector has no card
+    assert "<td>expected accuracy</td><td>not stated: the model&#x27;s file carries no accuracy metrics</td>" in page
+    assert "accuracy source" not in page

@@ -11,6 +11,9 @@ code  meaning
 4     lost the Dask scheduler mid-run: no output written, finished work is in ``--run-dir``
 5     stalled: no task finished for ``dask.stall_timeout_s`` (hung or missing workers): no output
       written, finished work is in ``--run-dir``
+6     no cluster to run on: the local Dask cluster could not start (its scheduler or a worker process
+      failed while starting: an unusable temporary directory, a broken Dask setting), or no worker
+      joined ``--scheduler``'s within 120 s: nothing was done
 130   interrupted (Ctrl-C): no output written from unfinished work, finished work is in ``--run-dir``
 143   terminated (SIGTERM, a batch system's time limit or an eviction): as 130
 ====  ==========================================================================================
@@ -23,6 +26,7 @@ EXIT_USAGE = 2
 EXIT_FAILURES = 3
 EXIT_SCHEDULER_LOST = 4
 EXIT_STALLED = 5
+EXIT_CLUSTER_START = 6
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a batch system expects from a job it stopped
 KEPT = "finished work in --run-dir is kept; re-run the same command to resume"
@@ -49,3 +53,9 @@ class Stalled(JobStopped):
     """No task finished for ``dask.stall_timeout_s``: a hung worker, or no worker at all."""
 
     exit_code = EXIT_STALLED
+
+
+class ClusterStartFailed(JobStopped):
+    """No cluster to run on (the local one did not come up, or no worker joined); nothing ran."""
+
+    exit_code = EXIT_CLUSTER_START

@@ -33,6 +33,7 @@ from distributed import Client, Future, as_completed, wait
 from rasterio.windows import Window
 
 from geomask.config import Config
+from geomask.detect.base import ModelCard
 from geomask.errors import DetectorError, ExportError, GeomaskError, first_line
 from geomask.export import to_frame, write_output
 from geomask.pipeline import RasterPlan, check_channels, in_aoi, mark_partial, new_run_id, resolve_config, shape_plan, warn_resampling
@@ -84,6 +85,7 @@ class JobSummary:
     merges_loaded: int = 0
     failures: list[Failure] = field(default_factory=list)
     failed_tiles: int = 0
+    model_card: ModelCard = field(default_factory=ModelCard)  # what the model's file states (the report shows it)
 
     @property
     def tiles_per_s(self) -> float:
@@ -383,6 +385,7 @@ class _Job:
         self.info: DetectorInfo = self._result(describe, "building the detector on a worker")
         if self.info.error is not None:
             raise DetectorError(self.info.error)
+        self.summary.model_card = self.info.card
         inputs = self._plan(self.info)
         total_tiles = sum(len(inp.plan.tiles) for inp in inputs)
         self.summary.tasks_total = sum(len(inp.tree.tasks) for inp in inputs)

@@ -24,7 +24,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from geomask.config import Config
-from geomask.detect.base import Detector, ModelHints, load_detector
+from geomask.detect.base import Detector, ModelCard, ModelHints, load_detector, model_card
 from geomask.errors import DetectorError, GeomaskError, first_line
 from geomask.inference import release_freed_memory, run_tiles
 from geomask.instances import Instance
@@ -90,6 +90,7 @@ class DetectorInfo:
     classes: tuple[str, ...]
     hints: ModelHints
     error: str | None = None
+    card: ModelCard = field(default_factory=ModelCard)  # the accuracy the model's file states, for the report
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def describe_detector(plugin_name: str) -> DetectorInfo:
         return DetectorInfo("", (), ModelHints(), plugin.error)
     det = _plugin(plugin_name).detector
     assert det is not None  # checked by _plugin
-    return DetectorInfo(det.name, tuple(det.classes), det.hints)
+    return DetectorInfo(det.name, tuple(det.classes), det.hints, card=model_card(det))
 
 
 def run_detect(task: DetectTask) -> BlockResult:

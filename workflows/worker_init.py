@@ -6,7 +6,8 @@ for one Ctrl-C, ~90 lines), and its nanny would try to restart it. The driver al
 interrupt and closes the cluster, so the workers ignore SIGINT. An ignored signal stays ignored across
 the workers' own child processes.
 
-Once closed, a worker process exits without finalising the interpreter (see ``_exit_now``).
+Once closed, a worker process exits without finalising the interpreter (see ``_exit_now``). Once up, a
+worker shows its nanny's warnings again (``dask_setup``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ logging.getLogger("distributed.worker.state_machine").addFilter(_not_a_cancelled
 # still alive after 4.0 seconds, killing" and a killed process. A worker holds nothing to flush (results
 # travel to the driver, which writes the run folder), so once it has closed cleanly it exits at once.
 _closed_cleanly = False
+
+
+def dask_setup(worker: object) -> None:
+    """Show the worker's nanny warnings again (a preload hook, run once the worker is listening).
+
+    The cluster starts its workers with that logger at CRITICAL, so that a worker failing to start is
+    one line on the driver, not a traceback per worker (``workflows.cluster``).
+    """
+    logging.getLogger("distributed.nanny").setLevel(logging.WARNING)
 
 
 def dask_teardown(worker: object) -> None:

@@ -11,8 +11,8 @@ models by writing a factory that returns an object with this shape and naming it
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -60,6 +60,31 @@ class ModelHints:
     min_area_m2: float | None = None
     simplify_tolerance_m: float | None = None
     shape: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a model's file says about it, for the run report: its measured accuracy and where that is written.
+
+    A detector reports the numbers its file carries (a checkpoint's ``metrics``, an ONNX export's
+    metadata), never numbers of its own, and names the file and field they come from so that a reader
+    can check them. A detector without a ``card`` attribute has an empty one (:func:`model_card`).
+
+    Attributes:
+        metrics: As stored, e.g. ``heldout_f1``, ``heldout_precision``, ``val_f1``.
+        source: Where they come from (file and field), or ``""`` when nothing is stated.
+        attribution: Credit owed to the training data's authors.
+    """
+
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    source: str = ""
+    attribution: str = ""
+
+
+def model_card(detector: object) -> ModelCard:
+    """Return ``detector``'s :class:`ModelCard` (its optional ``card`` attribute), else an empty one."""
+    card = getattr(detector, "card", None)
+    return card if isinstance(card, ModelCard) else ModelCard()
 
 
 @runtime_checkable

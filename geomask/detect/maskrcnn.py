@@ -40,7 +40,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from geomask.detect.base import ModelHints, TileImage
+from geomask.detect.base import ModelCard, ModelHints, TileImage
 from geomask.detect.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint
 from geomask.detect.masks import instances_from_masks
 from geomask.detect.tta import TTA_CHOICES, TTA_VIEWS, fuse_views, unview_output, view_image
@@ -246,8 +246,10 @@ class MaskRCNNDetector:
         mask_threshold: float = 0.5,
         amp: bool = True,
         tta: int = 1,
+        card: ModelCard | None = None,
     ):
         _check_tta(tta)
+        self.card = card or ModelCard()  # the checkpoint's stated accuracy, for the run report
         self.model = model.to(device).eval()
         self.classes = tuple(classes)
         self.hints = dataclasses.replace(hints, channels=3)  # torchvision's transform normalises 3 bands
@@ -423,8 +425,9 @@ def build(
         hints = dataclasses.replace(hints, tile_size_px=tile_size_px)
     name = f"maskrcnn-{the_arch}:{Path(source).name if weights not in COCO_WEIGHTS else weights}"
     log.info("loaded %s (%d classes) on %s", name, n, dev)
+    card = ModelCard(meta.metrics, f"the checkpoint's metrics ({source})", meta.attribution) if meta is not None else None
     return MaskRCNNDetector(
-        model, names_out, hints, name, dev, float(opts["score_threshold"]), float(opts["mask_threshold"]), amp, int(opts["tta"])
+        model, names_out, hints, name, dev, float(opts["score_threshold"]), float(opts["mask_threshold"]), amp, int(opts["tta"]), card
     )
 
 

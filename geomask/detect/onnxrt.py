@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from geomask.detect.base import ModelHints, TileImage
+from geomask.detect.base import ModelCard, ModelHints, TileImage
 from geomask.detect.masks import instances_from_masks
 from geomask.errors import DetectorError, WeightsError, first_line
 from geomask.instances import Instance
@@ -126,8 +126,18 @@ class OnnxDetector:
     pads them, so both back-ends see the same pixels.
     """
 
-    def __init__(self, session: Any, classes: Sequence[str], hints: ModelHints, name: str, score_threshold: float, mask_threshold: float):
+    def __init__(
+        self,
+        session: Any,
+        classes: Sequence[str],
+        hints: ModelHints,
+        name: str,
+        score_threshold: float,
+        mask_threshold: float,
+        card: ModelCard | None = None,
+    ):
         self.session = session
+        self.card = card or ModelCard()  # the export's stated accuracy, for the run report
         self.classes = tuple(classes)
         self.hints = hints
         self.name = name
@@ -242,4 +252,6 @@ def build(
         hints = dataclasses.replace(hints, tile_size_px=tile_size_px)
     name = f"onnx-{info.get('arch')}:{path.name}"
     log.info("loaded %s (%d classes) with %s", name, len(names), session.get_providers()[0])
-    return OnnxDetector(session, names, hints, name, score, mask)
+    metrics = {str(k): float(v) for k, v in dict(info.get("metrics") or {}).items()}
+    card = ModelCard(metrics, f"the exported model's metadata, metrics ({source})", str(info.get("attribution") or ""))
+    return OnnxDetector(session, names, hints, name, score, mask, card)

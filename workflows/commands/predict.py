@@ -4,7 +4,8 @@ Exit codes (all of them in :mod:`workflows.exits`): 0 when every tile was proces
 config or input error (nothing is done); 3 when the job finished and wrote its outputs but some tiles
 failed for a data reason (they are listed in ``RUN_DIR/failures.jsonl``, or in the log without
 ``--run-dir``, and redone by the next run with the same ``--run-dir``); 4 lost scheduler, 5 stalled,
-130 Ctrl-C, 143 SIGTERM: nothing written, finished work kept in ``--run-dir``.
+130 Ctrl-C, 143 SIGTERM: nothing written, finished work kept in ``--run-dir``; 6 no cluster to run
+on (the local one could not start, or no worker joined ``--scheduler``'s; nothing ran).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import click
 
 from geomask.config import Config, merge_overrides
+from geomask.detect.base import ModelCard
 from geomask.inference import TileFailure
 from geomask.models import detector_options
 from geomask.pipeline import run_serial
@@ -144,7 +146,8 @@ def predict(
             failed += [(src, f) for f in summary.failures]
             if with_preview:
                 _preview(out, src)
-            _report(out, [src], summary.seconds, summary.n_tiles, [(str(src), f.tile, f.stage, f.error) for f in summary.failures])
+            fails = [(str(src), f.tile, f.stage, f.error) for f in summary.failures]
+            _report(out, [src], summary.seconds, summary.n_tiles, fails, summary.model_card)
             click.echo(
                 f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s "
                 f"(model load {summary.load_seconds:.1f} s; {summary.n_tiles_empty} empty and "
@@ -160,13 +163,15 @@ def predict(
     _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, with_preview, accept_repaired)
 
 
-def _report(output: Path, images: list[Path], seconds: float, n_tiles: int, failures: list[tuple[str, int, str, str]]) -> None:
+def _report(
+    output: Path, images: list[Path], seconds: float, n_tiles: int, failures: list[tuple[str, int, str, str]], card: ModelCard
+) -> None:
     """Write ``<output>.report.html``; a failure here is a warning, the output is already written."""
     from geomask.errors import first_line
     from workflows.commands.preview import run_report_of
 
     try:
-        run_report_of(output, images, seconds, n_tiles, failures)
+        run_report_of(output, images, seconds, n_tiles, failures, card)
     except Exception as err:  # noqa: BLE001 - the report is a convenience: the run's result stands
         log.warning("no report for %s: %s", output, first_line(err, with_type=True))
 
@@ -224,7 +229,7 @@ def _run_dask(
     for out in summary.outputs:
         srcs = [src for src, o in (layout.per_input or {}).items() if o == out] or paths
         fails = [(f.source, f.tile, f.stage, f.error) for f in summary.failures if f.source in {str(s) for s in srcs}]
-        _report(out, srcs, summary.seconds, summary.n_tiles, fails)
+        _report(out, srcs, summary.seconds, summary.n_tiles, fails, summary.model_card)
     outputs = ", ".join(str(p) for p in summary.outputs) or "nothing"
     click.echo(
         f"{summary.n_objects} objects from {summary.n_tiles} tiles of {summary.n_inputs} input(s) in {summary.seconds:.1f} s "

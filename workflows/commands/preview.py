@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from geomask.detect.base import ModelCard
+
 log = logging.getLogger("geomask")
 
 
@@ -44,7 +46,14 @@ def preview(output: str, image: str | None, layer: str | None, png: str | None) 
     click.echo(f"preview -> {written}")
 
 
-def run_report_of(output: Path, images: list[Path], seconds: float, n_tiles: int, failures: list[tuple[str, int, str, str]]) -> Path:
+def run_report_of(
+    output: Path,
+    images: list[Path],
+    seconds: float,
+    n_tiles: int,
+    failures: list[tuple[str, int, str, str]],
+    card: ModelCard | None = None,
+) -> Path:
     """Write ``<output>.report.html`` for a finished predict run, embedding the quick-look when it was drawn.
 
     Args:
@@ -53,13 +62,14 @@ def run_report_of(output: Path, images: list[Path], seconds: float, n_tiles: int
         seconds: Wall time of the run.
         n_tiles: Tiles processed.
         failures: ``(input, tile, stage, error)`` of each failed tile.
+        card: What the model's file states about its accuracy (the detector's :class:`ModelCard`).
     """
     from geomask.config import load_config
     from geomask.evaluate import read_layer
     from geomask.export import config_sidecar, format_for
     from geomask.preview import preview_path
     from geomask.raster import inspect_raster, working_grid
-    from geomask.report import FailedTile, InputFacts, RunFacts, png_data_uri, report_path, run_report, write_report
+    from geomask.report import FailedTile, InputFacts, RunFacts, card_rows, png_data_uri, report_path, run_report, write_report
     from geomask.tiling import plan_tiles
 
     sidecar = config_sidecar(output)
@@ -79,6 +89,7 @@ def run_report_of(output: Path, images: list[Path], seconds: float, n_tiles: int
         "working GSD m": f"{cfg.raster.gsd_m:g}" if cfg.raster.gsd_m else "native",
         "tile size px": str(cfg.tiling.size_px),
         "min area m²": f"{cfg.vectorize.min_area_m2:g}",
+        **card_rows(card or ModelCard()),
     }
     facts = RunFacts(inputs, model, sidecar.read_text(), seconds, n_tiles, [FailedTile(*f) for f in failures])
     png = preview_path(output)
