@@ -9,6 +9,7 @@ checkpoint from a stranger is as safe to open as an image. Layout (``FORMAT_VERS
      "bands": [1, 2, 3], "normalize_mode": "auto", "percentiles": [2.0, 98.0],
      "attribution": "...", "metrics": {"val_f1": 0.5}, "training": {...},
      "inference": {"score_threshold": 0.8, "tta": 4, ...} (optional: the model card's settings),
+     "arch_options": {...} (optional: what the architecture's builder needs beyond its name),
      "state_dict": {...}, "train_state": {...} (optional: optimizer, iteration, for resuming)}
 
 Plain torchvision state dicts (e.g. the COCO weights) are read too, without metadata.
@@ -87,6 +88,9 @@ class CheckpointMeta:
         training: Free-form provenance (iterations, seconds, hardware, command line).
         inference: Inference defaults chosen for this model (see :data:`INFERENCE_KEYS`), so that naming
             the weights alone gives the model card's accuracy; a config overrides each of them.
+        arch_options: Settings that shape the architecture beyond its name, read by its builder (a
+            converted Detectron2 model's pixel statistics, anchors and poolers:
+            :class:`geomask.detect.d2_arch.Detectron2Arch`); empty for geomask's own architectures.
     """
 
     arch: str
@@ -100,6 +104,7 @@ class CheckpointMeta:
     metrics: dict[str, float] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     inference: dict[str, Any] = field(default_factory=dict)
+    arch_options: dict[str, Any] = field(default_factory=dict)
 
     def hints(self) -> ModelHints:
         """Return the settings ``predict`` should default to for this model."""
@@ -247,6 +252,7 @@ def _meta_from_dict(data: dict[str, Any]) -> CheckpointMeta:
         metrics={str(k): float(v) for k, v in dict(data.get("metrics") or {}).items()},
         training=dict(data.get("training") or {}),
         inference=_read_inference(data.get("inference")),
+        arch_options=dict(data.get("arch_options") or {}),
     )
 
 

@@ -42,6 +42,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from geomask.detect.base import ModelCard, ModelHints, TileImage
 from geomask.detect.checkpoint import Checkpoint, CheckpointMeta, load_checkpoint
+from geomask.detect.d2_arch import DETECTRON2_ARCHS, Detectron2Arch, build_detectron2_model
 from geomask.detect.masks import instances_from_masks
 from geomask.detect.tta import TTA_CHOICES, TTA_VIEWS, fuse_views, unview_output, view_image
 from geomask.errors import DetectorError, WeightsError
@@ -52,20 +53,34 @@ log = logging.getLogger(__name__)
 
 #: ``tiny_fpn`` is a few-hundred-thousand-parameter model for tests and demos: it learns simple shapes in seconds.
 ARCHS = ("resnet50_fpn", "resnet50_fpn_v2", "resnet101_fpn", "resnet18_fpn", "tiny_fpn")
+#: Architectures that predict but are not trained here: converted Detectron2 models (``geomask import-model``).
+IMPORTED_ARCHS = tuple(DETECTRON2_ARCHS.values())
 #: Names accepted as ``weights`` for torchvision's COCO weights (downloaded on first use when online).
 COCO_WEIGHTS = {"coco": "resnet50_fpn", "coco_v2": "resnet50_fpn_v2"}
 DEFAULT_TILE_SIZE_PX = 512
 
 
-def build_model(arch: str, num_classes: int, tile_size_px: int = DEFAULT_TILE_SIZE_PX, detections_per_img: int = 300) -> MaskRCNN:
+def build_model(
+    arch: str,
+    num_classes: int,
+    tile_size_px: int = DEFAULT_TILE_SIZE_PX,
+    detections_per_img: int = 300,
+    arch_options: dict[str, Any] | None = None,
+) -> MaskRCNN:
     """Build an untrained Mask R-CNN (no downloads) for ``num_classes`` object classes.
 
     Args:
-        arch: One of :data:`ARCHS`.
+        arch: One of :data:`ARCHS` or :data:`IMPORTED_ARCHS`.
         num_classes: Object classes, background excluded.
         tile_size_px: Input side; ``min_size`` and ``max_size`` are set to it so nothing is resized.
         detections_per_img: Upper bound on instances per tile (dense scenes need hundreds).
+        arch_options: The checkpoint's ``arch_options`` (an imported architecture's settings).
     """
+    if arch in IMPORTED_ARCHS:
+        spec = Detectron2Arch.from_dict(arch_options or {}, arch)
+        if spec.arch != arch:
+            raise WeightsError(f"arch {arch!r} does not match its options (ResNet-{spec.depth}); re-convert the model")
+        return build_detectron2_model(spec, num_classes, tile_size_px, detections_per_img)
     common: dict[str, Any] = {
         "num_classes": num_classes + 1,
         "min_size": tile_size_px,
@@ -379,8 +394,8 @@ def build(
     given = {"score_threshold": score_threshold, "mask_threshold": mask_threshold, "detections_per_img": detections_per_img}
     given.update(nms_threshold=nms_threshold, tta=tta)
     _check_options(**{**DETECTOR_DEFAULTS, **{k: v for k, v in given.items() if v is not None}}, tile_size_px=tile_size_px)
-    if arch is not None and arch not in ARCHS:
-        raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
+    if arch is not None and arch not in ARCHS + IMPORTED_ARCHS:
+        raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS + IMPORTED_ARCHS)}")
     dev = resolve_device(device)
     meta: CheckpointMeta | None
     if weights in COCO_WEIGHTS:
@@ -417,7 +432,7 @@ def build(
         _check_options(**opts, tile_size_px=tile_size_px)
         log.info("%s: inference defaults %s (options given override them)", source, carried)
     tile = tile_size_px or (meta.tile_size_px if meta is not None else DEFAULT_TILE_SIZE_PX)
-    model = build_model(the_arch, n, tile, int(opts["detections_per_img"]))
+    model = build_model(the_arch, n, tile, int(opts["detections_per_img"]), meta.arch_options if meta is not None else None)
     model.roi_heads.nms_thresh = float(opts["nms_threshold"])
     load_weights(model, ckpt.state_dict, source, the_arch)
     hints = meta.hints() if meta is not None else ModelHints()
@@ -434,8 +449,8 @@ def build(
 def _pick_arch(arch: str | None, meta: CheckpointMeta | None, source: str) -> str:
     if meta is None:
         return arch or "resnet50_fpn"
-    if meta.arch not in ARCHS:
-        raise WeightsError(f"{source} names architecture {meta.arch!r}, unknown to this geomask; use one of {list(ARCHS)}")
+    if meta.arch not in ARCHS + IMPORTED_ARCHS:
+        raise WeightsError(f"{source} names architecture {meta.arch!r}, unknown to this geomask; use one of {list(ARCHS + IMPORTED_ARCHS)}")
     if arch is not None and arch != meta.arch:
         raise WeightsError(f"{source} holds a {meta.arch!r} model but arch={arch!r} was asked for; drop arch or pass matching weights")
     return meta.arch

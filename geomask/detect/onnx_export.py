@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from geomask.atomic import replacing
 from geomask.detect.checkpoint import CheckpointMeta, load_checkpoint
-from geomask.detect.maskrcnn import COCO_WEIGHTS, build
+from geomask.detect.maskrcnn import COCO_WEIGHTS, IMPORTED_ARCHS, build
 from geomask.detect.onnxrt import METADATA_KEY, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAMES
 from geomask.errors import WeightsError, first_line
 from geomask.models import bundled_model_path
@@ -86,6 +86,12 @@ def export_onnx(
         import onnx
     except ImportError:
         raise WeightsError("export-model needs the onnx package; install it with: pip install 'geomask[onnx]'") from None
+    meta = _checkpoint_meta(weights)
+    if meta is not None and meta.arch in IMPORTED_ARCHS:
+        raise WeightsError(
+            f"{weights} is a converted {meta.arch} model, which export-model does not support (its Detectron2 mask pasting and "
+            "anchors would be traced as constants); predict with the .pt checkpoint"
+        )
     detector = build(
         weights,
         device="cpu",
@@ -96,7 +102,6 @@ def export_onnx(
         tta=1,
         amp=False,
     )
-    meta = _checkpoint_meta(weights)
     model = detector.model.eval()
     model.transform.resize = _NoResize()  # type: ignore[assignment,method-assign]
     side = detector.tile_size_px
