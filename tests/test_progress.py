@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from workflows.job import Progress
+from workflows.progress import Progress
 
 
 class _Terminal(io.StringIO):
@@ -29,7 +29,7 @@ def test_a_terminal_gets_a_bar(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_no_terminal_keeps_the_log_lines(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    with caplog.at_level(logging.INFO, logger="workflows.job"):
+    with caplog.at_level(logging.INFO, logger="workflows.progress"):
         progress = Progress(10, every_s=0.0)
         progress.add(3, 7, computed=True)
     assert progress.bar is None and "tiles 3/10 (30%" in caplog.text and "7 objects" in caplog.text
