@@ -268,7 +268,7 @@ def test_a_failed_merge_loses_its_block_and_marks_all_its_tiles() -> None:
     assert first.written[0].failed_tiles == frozenset(DEEP.tile_indexes(block))
     assert (0, "L2-r1-c1") not in first.stored and (0, "L3-r0-c0") not in first.stored
     assert all((0, c.key) in first.stored for c in DEEP.children(block))  # below the failure all is complete
-    root = first.log[[i for i, x in enumerate(first.log) if isinstance(x, SubmitMerge) and x.block.level == 3][0]]
+    root = next(x for x in first.log if isinstance(x, SubmitMerge) and x.block.level == 3)
     assert isinstance(root, SubmitMerge)
     assert not any(x in first.open_of[(0, c)] for c in DEEP.children(block) for x in root.border)  # lost with the merge
 
@@ -338,7 +338,9 @@ def test_events_out_of_protocol_are_refused() -> None:
     max_detects=st.integers(1, 6),
     data=st.data(),
 )
-def test_any_order_any_stored_subset_any_failures(n_rows: int, n_cols: int, tiles_per_task: int, max_detects: int, data: st.DataObject) -> None:
+def test_any_order_any_stored_subset_any_failures(
+    n_rows: int, n_cols: int, tiles_per_task: int, max_detects: int, data: st.DataObject
+) -> None:
     n = n_rows * n_cols
     holes = frozenset(data.draw(st.sets(st.integers(0, n - 1), max_size=n // 3)))
     tree = _tree(n_rows, n_cols, tiles_per_task, holes)

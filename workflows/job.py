@@ -35,7 +35,7 @@ from geomask.export import to_frame, write_output
 from geomask.instances import Instance
 from geomask.pipeline import RasterPlan, check_channels, in_aoi, mark_partial, new_run_id, resolve_config, shape_plan, warn_resampling
 from geomask.vectorize import Feature
-from workflows.blocks import Block, BlockResult, BlockTree, Failure
+from workflows.blocks import Block, BlockResult, BlockTree
 from workflows.inputs import OutputLayout
 from workflows.progress import Progress
 from workflows.schedule import (
@@ -52,6 +52,7 @@ from workflows.schedule import (
     Store,
     SubmitDetect,
     SubmitMerge,
+    Tally,
     TaskFailed,
     WriteInput,
 )
@@ -66,25 +67,21 @@ POLL_S = 0.05  # how long the loop waits for a result before it checks the clien
 
 
 @dataclass
-class JobSummary:
-    """What a job did, for the log, ``summary.json`` and the CLI's closing lines."""
+class JobSummary(Tally):
+    """What a job did, for the log, ``summary.json`` and the CLI's closing lines.
 
-    outputs: list[Path]
-    run_id: str
+    The scheduler counts tiles, tasks, merges and failures into it (:class:`~workflows.schedule.Tally`).
+    """
+
+    outputs: list[Path] = field(default_factory=list)
+    run_id: str = ""
     n_inputs: int = 0
-    n_tiles: int = 0
-    n_tiles_skipped: int = 0
     n_tiles_empty: int = 0  # never planned: provably no valid pixel (geomask.coverage)
     n_tiles_outside_aoi: int = 0  # never planned: outside the area of interest
     n_objects: int = 0
     seconds: float = 0.0  # from planning to the last output written
     model_seconds: float = 0.0  # loading the model on the workers, before that
     tasks_total: int = 0
-    tasks_computed: int = 0
-    tasks_loaded: int = 0
-    merges_computed: int = 0
-    merges_loaded: int = 0
-    failures: list[Failure] = field(default_factory=list)
     failed_tiles: int = 0
 
     @property
@@ -260,7 +257,7 @@ class _Job:
         s.n_tiles_outside_aoi = sum(inp.plan.n_tiles_outside_aoi for inp in self.inputs)
         self.progress = Progress(total_tiles, self.progress_every_s, s.n_tiles_empty, s.n_tiles_outside_aoi)
         n_threads = sum(w["nthreads"] for w in self.client.scheduler_info(n_workers=-1)["workers"].values())
-        self.schedule = JobSchedule(len(self.inputs), max(64, 8 * n_threads), self.store is not None)
+        self.schedule = JobSchedule(len(self.inputs), max(64, 8 * n_threads), self.store is not None, tally=s)
         repaired = self.store.repaired if self.store is not None else {}
         for inp in self.inputs:
             self._do(InputPlanned(inp.id, str(inp.path), inp.tree, frozenset(repaired.get(inp.id, ()))))
@@ -271,7 +268,7 @@ class _Job:
             len(self.inputs),
             total_tiles,
             s.tasks_total,
-            self.schedule.tally.tasks_loaded,
+            s.tasks_loaded,
             s.n_tiles_empty,
             s.n_tiles_outside_aoi,
         )
@@ -290,9 +287,6 @@ class _Job:
         if not self.schedule.done:  # every instruction was carried out, so the scheduler lost track: a bug, not a data problem
             raise AssertionError("the job ran out of tasks before every input was written")
         self.progress.log()
-        tally = self.schedule.tally
-        for name in ("n_tiles", "n_tiles_skipped", "tasks_computed", "tasks_loaded", "merges_computed", "merges_loaded", "failures"):
-            setattr(s, name, getattr(tally, name))
         s.failed_tiles = len({(f.source, f.tile) for f in s.failures if f.tile >= 0})
         s.seconds = time.perf_counter() - t0
         if self.store is not None:

@@ -219,9 +219,10 @@ class JobSchedule:
         n_inputs: Inputs the job will plan (numbered 0 to ``n_inputs - 1``).
         max_detects: Detect tasks running at once at most (merges are never held back: they free memory).
         has_store: Whether there is a run folder to load from and store into.
+        tally: Where to count what the job did (a fresh one by default).
     """
 
-    def __init__(self, n_inputs: int, max_detects: int, has_store: bool):
+    def __init__(self, n_inputs: int, max_detects: int, has_store: bool, tally: Tally | None = None):
         self.n_inputs = n_inputs
         self.max_detects = max_detects
         self.has_store = has_store
@@ -230,7 +231,7 @@ class JobSchedule:
         self.detects_running = 0
         self.submitted = 0
         self.n_written = 0
-        self.tally = Tally()
+        self.tally = tally if tally is not None else Tally()
 
     @property
     def done(self) -> bool:
