@@ -26,12 +26,12 @@ from geomask.export import check_writable, to_frame, write_output
 from geomask.inference import TileFailure, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_across_tiles
+from geomask.normalize import compute_norm_stats
 from geomask.raster import (
     Grid,
     NormStats,
     RasterInfo,
     RasterReader,
-    compute_norm_stats,
     describe_resampling,
     inspect_raster,
     resample_factor,
