@@ -130,7 +130,7 @@ def main() -> None:
     )
     print(
         f"model {args.arch} ({'random weights' if args.weights is None else args.weights}), {n_tiles} tiles of {args.tile} px "
-        f"(overlap {args.overlap}), batch {args.batch}, score ≥ {score:.3f}: {n_inst} raw instances, {summary.n_features} output features"
+        f"(overlap {args.overlap}), batch {args.batch}, score ≥ {score:.3f}: {n_inst} raw instances, {summary.n_objects} output features"
     )
     print(f"all runs: model-only {[round(t, 2) for t in model_times]} s, serial end-to-end {[round(t, 2) for t in e2e_times]} s")
     print("| path | wall (s) | tiles/s | vs model-only |")

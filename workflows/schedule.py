@@ -262,10 +262,9 @@ class JobSchedule:
     # -- events -----------------------------------------------------------------------------------
 
     def _input(self, i: int) -> _Input:
-        try:
-            return self.inputs[i]
-        except KeyError:
-            raise ScheduleError(f"input {i} was not planned") from None
+        if i not in self.inputs:
+            raise ScheduleError(f"input {i} was not planned")
+        return self.inputs[i]
 
     def _planned(self, event: InputPlanned, out: list[Instruction]) -> None:
         i, tree = event.input, event.tree
@@ -282,7 +281,7 @@ class JobSchedule:
                     state.loading.add(block)
                     out.append(Load(i, block))
                 elif block.level == 0:
-                    self._enqueue(i, block)
+                    self.queue.append((i, block))
         if not state.loading:
             self._start(i, state, out)
 
@@ -293,7 +292,7 @@ class JobSchedule:
         if result is not None:
             self._deliver(i, state, block, result, False, out)
         elif block.level == 0:
-            self._enqueue(i, block)
+            self.queue.append((i, block))
         if not state.loading:
             self._start(i, state, out)
 
@@ -313,9 +312,6 @@ class JobSchedule:
             self.detects_running -= 1
 
     # -- transitions ------------------------------------------------------------------------------
-
-    def _enqueue(self, i: int, block: Block) -> None:
-        self.queue.append((i, block))
 
     def _start(self, i: int, state: _Input, out: list[Instruction]) -> None:
         """Every stored result is in: start the merges whose children were all stored, finish a tree already whole."""
