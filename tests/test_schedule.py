@@ -366,3 +366,11 @@ def test_any_order_any_stored_subset_any_failures(
 
     stored_now = {x.block.key for x in shell.log if isinstance(x, Store)}
     assert stored_now == {b.key for b in _blocks(tree) if b.key in ran and not tainted(b)}
+
+
+def test_stale_blocks_look_failed_tiles_up_by_index_in_a_plan_with_holes() -> None:
+    # Tiles 0-7 (the first two rows of a 4 x 4 grid) are not planned: tile 10 sits at list position 2.
+    tree = _tree(4, 4, holes=frozenset(range(8)))
+    stale = {b.key for b in stale_blocks(tree, {10}) if b.level == 0}
+    assert stale == {f"L0-r{r}-c{c}" for r in (2, 3) for c in (1, 2, 3)}  # tile 10 is row 2, col 2: its planned neighbours
+    assert stale_blocks(tree, {3}) == ()  # a tile that was not planned read nothing
