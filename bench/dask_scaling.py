@@ -148,7 +148,7 @@ def scaling(work_dir: Path, side: int, work: int, repeat: int) -> list[str]:
     t0 = time.perf_counter()
     serial = run_serial(image, work_dir / "scaling_serial.gpkg", serial_cfg, overwrite=True)  # type: ignore[arg-type]
     serial_s = time.perf_counter() - t0
-    rows.append(f"| serial (no Dask) | {serial.n_tiles} | {serial.n_features} | {serial_s:.1f} | {serial.n_tiles / serial_s:.2f} |")
+    rows.append(f"| serial (no Dask) | {serial.n_tiles} | {serial.n_objects} | {serial_s:.1f} | {serial.n_tiles / serial_s:.2f} |")
     print(rows[-1], flush=True)
     for n in (1, 2):
         cfg = _config(labels, "dask_scaling:burn_detector", 256, 32, 4, n, work=work)

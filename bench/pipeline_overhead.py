@@ -178,7 +178,7 @@ def main() -> None:
     )
     print(
         f"model {arch} ({'random weights' if args.weights is None else args.weights}), {n_tiles} tiles of {args.tile} px "
-        f"(overlap {args.overlap}), batch {args.batch}, score ≥ {score:.3f}: {n_inst} raw instances, {summary.n_features} output features"
+        f"(overlap {args.overlap}), batch {args.batch}, score ≥ {score:.3f}: {n_inst} raw instances, {summary.n_objects} output features"
     )
     print(f"all runs: model-only {[round(t, 2) for t in model_times]} s, serial end-to-end {[round(t, 2) for t in e2e_times]} s")
     print("| path | wall (s) | tiles/s | vs model-only |")
@@ -216,7 +216,7 @@ def main() -> None:
             "gsd_m": round(plan.grid.gsd_m, 4),
             "area_km2": round(area_km2, 3),
             "raw_instances": n_inst,
-            "output_features": summary.n_features,
+            "output_features": summary.n_objects,
         }
         args.json.write_text(json.dumps({**meta, "paths": figures}, indent=1) + "\n")
 

@@ -26,13 +26,13 @@ from geomask.export import check_writable, to_frame, write_output
 from geomask.inference import TileFailure, run_tiles
 from geomask.instances import Instance
 from geomask.merge import merge_across_tiles
+from geomask.normalize import compute_norm_stats
 from geomask.progress import SerialProgress
 from geomask.raster import (
     Grid,
     NormStats,
     RasterInfo,
     RasterReader,
-    compute_norm_stats,
     describe_resampling,
     inspect_raster,
     resample_factor,
@@ -108,7 +108,11 @@ def warn_resampling(plan: RasterPlan) -> None:
 
 @dataclass
 class RunSummary:
-    """What a run did, for logs and the CLI's closing line."""
+    """What a serial run did, for logs and the CLI's closing line.
+
+    Counts carry the names of the Dask job's ``JobSummary`` (``n_objects``, ``model_seconds``...); a
+    serial run writes one file, so ``output`` rather than ``outputs``.
+    """
 
     output: Path | None
     n_tiles: int = 0
@@ -116,9 +120,9 @@ class RunSummary:
     n_tiles_empty: int = 0
     n_tiles_outside_aoi: int = 0
     n_instances: int = 0
-    n_features: int = 0
+    n_objects: int = 0
     seconds: float = 0.0  # the whole run, model load included
-    load_seconds: float = 0.0  # of which building the detector (loading the model)
+    model_seconds: float = 0.0  # of which building the detector (loading the model)
     run_id: str = ""
     failures: list[TileFailure] = field(default_factory=list)
     model_card: ModelCard = field(default_factory=ModelCard)  # what the model's file states (the report shows it)
@@ -152,9 +156,13 @@ def resolve_config(config: Config, hints: ModelHints) -> Config:
     return merge_overrides(config, updates) if updates else config
 
 
-def plan_raster(path: str | Path, config: Config) -> RasterPlan:
-    """Inspect a raster, fix its working grid, normalisation and tiles (resolved ``config`` expected)."""
-    info = inspect_raster(path)
+def plan_raster(path: str | Path, config: Config, *, info: RasterInfo | None = None) -> RasterPlan:
+    """Inspect a raster, fix its working grid, normalisation and tiles (resolved ``config`` expected).
+
+    ``info`` is :func:`~geomask.raster.inspect_raster`'s answer for ``path`` when the caller has it already
+    (the file is then not inspected again).
+    """
+    info = info if info is not None else inspect_raster(path)
     grid = working_grid(info, config.raster.gsd_m, config.raster.max_resample_factor)
     bands = resolve_bands(info, config.raster.bands)
     t_cov = time.perf_counter()
@@ -298,15 +306,16 @@ def mark_partial(plan: RasterPlan, feats: Sequence[Feature], failed_tiles: Itera
 
 
 def predict_raster(
-    path: str | Path, config: Config, detector: Detector, progress_every_s: float | None = None
+    path: str | Path, config: Config, detector: Detector, progress_every_s: float | None = None, *, info: RasterInfo | None = None
 ) -> tuple[RasterPlan, list[Feature], RunSummary]:
     """Run every step on one raster in this process; return the plan, features and a summary.
 
     ``progress_every_s`` logs tiles done/total and the rate that often (``None``: no progress lines);
-    on a terminal a live bar is drawn instead.
+    on a terminal a live bar is drawn instead. ``info`` is the raster's header if the caller inspected it
+    already (see :func:`plan_raster`).
     """
     t0 = time.perf_counter()
-    plan = plan_raster(path, resolve_config(config, detector.hints))
+    plan = plan_raster(path, resolve_config(config, detector.hints), info=info)
     check_channels(plan, detector.name, detector.hints)
     warn_resampling(plan)
     progress = SerialProgress(str(path), len(plan.tiles), progress_every_s) if progress_every_s is not None else None
@@ -324,7 +333,7 @@ def predict_raster(
         n_tiles_empty=plan.n_tiles_empty,
         n_tiles_outside_aoi=plan.n_tiles_outside_aoi,
         n_instances=len(instances),
-        n_features=len(feats),
+        n_objects=len(feats),
         seconds=time.perf_counter() - t0,
         failures=found.failures,
     )
@@ -347,26 +356,26 @@ def run_serial(
 
     ``overwrite`` replaces an existing output (in a GeoPackage: geomask's layer); without it an
     existing one stops the run before the model is loaded (:func:`geomask.export.check_writable`).
-    The summary's time covers the whole run, the model load (``load_seconds``) included.
+    The summary's time covers the whole run, the model load (``model_seconds``) included.
     """
     t0 = time.perf_counter()
     check_writable(output, config.export.layer, overwrite)
-    inspect_raster(path)  # fail on bad input before the (slow) model load
+    info = inspect_raster(path)  # fail on bad input before the (slow) model load; planning reuses it
     if detector is None:
         log.info("loading the model (%s)", config.detector.options.get("weights") or config.detector.factory)
     t_load = time.perf_counter()
     det = detector if detector is not None else build_detector(config)
-    load_seconds = time.perf_counter() - t_load
-    plan, feats, summary = predict_raster(path, config, det, progress_every_s)
+    model_seconds = time.perf_counter() - t_load
+    plan, feats, summary = predict_raster(path, config, det, progress_every_s, info=info)
     summary.run_id = new_run_id()
     summary.model_card = model_card(det)
     frame = to_frame(feats, det.classes, plan.info.crs, Path(plan.info.path).name, det.name, summary.run_id)
     summary.output = write_output(frame, output, plan.config, overwrite)
-    summary.seconds, summary.load_seconds = time.perf_counter() - t0, load_seconds
+    summary.seconds, summary.model_seconds = time.perf_counter() - t0, model_seconds
     log.info(
         "%s: %d objects from %d tiles in %.1f s (%d empty and %d outside the AOI skipped)",
         path,
-        summary.n_features,
+        summary.n_objects,
         summary.n_tiles,
         summary.seconds,
         summary.n_tiles_empty,

@@ -1,7 +1,7 @@
 """The live progress bar of a run on a terminal (tqdm); batch jobs and CI keep the periodic log lines.
 
 One look for both paths: ``--serial`` (:class:`SerialProgress`) and the Dask job
-(``workflows.job.Progress``). tqdm draws tiles done/total, rate and ETA itself; geomask adds the objects
+(``workflows.progress.Progress``). tqdm draws tiles done/total, rate and ETA itself; geomask adds the objects
 found and failed tiles.
 """
 

@@ -24,8 +24,8 @@ from matplotlib.patches import Patch
 
 from geomask.atomic import write_text_atomic
 from geomask.detect.base import ModelCard
-from geomask.evaluate import Evaluation, Scores
 from geomask.matching import match_one_to_one, overlapping_pairs
+from geomask.scores import Evaluation, Scores
 
 CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}

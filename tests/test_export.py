@@ -80,7 +80,7 @@ def test_round_trip(tmp_path: Path, reference: tuple[Path, Path, gpd.GeoDataFram
     out = tmp_path / f"out{suffix}"
     summary = run_serial(image, out, truth_config(label_path, size=128, overlap=16))
     frame = read_back(out)
-    assert len(frame) == len(ref) == summary.n_features > 30
+    assert len(frame) == len(ref) == summary.n_objects > 30
     assert [c for c in frame.columns if c != "geometry"] == list(FIELDS)
     fmt = FORMATS[suffix]
     expected_crs = CRS.from_epsg(4326) if fmt.map_crs else CRS.from_epsg(32633)

@@ -234,3 +234,22 @@ def test_a_model_declares_the_bands_it_takes(tmp_path: Path) -> None:
     detector.hints = dataclasses.replace(detector.hints, channels=4)
     with pytest.raises(DetectorError, match=r"the raster has only 3 band\(s\)"):
         predict_raster(image, truth_config(label_path, **base), detector)
+
+
+def test_run_serial_opens_the_raster_header_once(
+    small_scene: tuple[Path, Path, np.ndarray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import geomask.pipeline as pipeline
+
+    image, label_path, _ = small_scene
+    seen: list[str] = []
+    real = pipeline.inspect_raster
+
+    def counting(path: str | Path) -> object:
+        seen.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(pipeline, "inspect_raster", counting)
+    summary = run_serial(image, tmp_path / "o.gpkg", truth_config(label_path, size=256, overlap=32), truth_detector(str(label_path)))
+    assert seen == [str(image)]  # checked before the model load, and planning reuses it
+    assert summary.n_objects > 0 and summary.model_seconds >= 0.0

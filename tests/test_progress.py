@@ -15,7 +15,7 @@ from geomask.config import Config, merge_overrides
 from geomask.pipeline import predict_raster
 from geomask.testing import truth_detector, write_scene
 from tests.helpers import UTM, UTM_TRANSFORM
-from workflows.job import Progress
+from workflows.progress import Progress
 
 
 class _Terminal(io.StringIO):
@@ -36,7 +36,7 @@ def test_a_terminal_gets_a_bar(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_no_terminal_keeps_the_log_lines(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(sys, "stderr", io.StringIO())
-    with caplog.at_level(logging.INFO, logger="workflows.job"):
+    with caplog.at_level(logging.INFO, logger="workflows.progress"):
         progress = Progress(10, every_s=0.0)
         progress.add(3, 7, computed=True)
     assert progress.bar is None and "tiles 3/10 (30%" in caplog.text and "7 objects" in caplog.text

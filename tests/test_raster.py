@@ -11,8 +11,9 @@ from affine import Affine
 from rasterio.windows import Window
 
 from geomask.errors import RasterContentError, RasterReadError
+from geomask.normalize import compute_norm_stats
 from geomask.pipeline import detect_tiles, plan_raster, predict_raster
-from geomask.raster import compute_norm_stats, inspect_raster, resolve_bands, working_grid
+from geomask.raster import inspect_raster, resolve_bands, working_grid
 from geomask.testing import truth_detector, write_scene
 from tests.helpers import UTM_TRANSFORM, truth_config, write_raster
 

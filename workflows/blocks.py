@@ -7,6 +7,9 @@ below, up to one root block that covers the raster. Each merge step runs
 block's exclusive window are final there, the rest travel one level up. So no step ever holds more than
 the instances near one block's edges, and the root only sees objects that cross the central lines.
 
+A block's outcome (:class:`BlockResult`, with its :class:`Failure` records) is defined here too, so the
+scheduler (:mod:`workflows.schedule`) and the run folder use it without importing Dask.
+
 No Dask here: this module is tested on its own and replayed serially in tests to prove the tree gives
 exactly :func:`geomask.merge.merge_across_tiles`.
 """
@@ -15,15 +18,58 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from rasterio.windows import Window
 
 from geomask.instances import Instance
 from geomask.merge import block_exclusive_window, merge_block, split_private
 from geomask.tiling import Tile
+from geomask.vectorize import Feature
 
 FAN_IN = 2  # children per axis of a merge block: 2 × 2 blocks of the level below
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One piece of work that did not produce a result, for the failure ledger.
+
+    Attributes:
+        source: Input raster path.
+        block: Block key (``L0-r1-c2`` for a detect task).
+        tile: Tile index, or ``-1`` when the whole task failed.
+        stage: ``read``, ``detect``, ``task`` (the task failed after its retries) or ``merge``.
+        error: One-line error message.
+    """
+
+    source: str
+    block: str
+    tile: int
+    stage: str
+    error: str
+
+
+@dataclass
+class BlockResult:
+    """What one detect or merge task hands back: small by construction.
+
+    Attributes:
+        features: Objects finished in this block, vectorised (map coordinates).
+        open: Border instances whose group may continue outside the block (cropped masks).
+        n_tiles: Tiles this block processed (0 for merge blocks).
+        n_skipped: Tiles without a valid pixel.
+        n_instances: Instances the detector returned, after clipping.
+        failures: Tiles (or the whole task) that failed for a data reason.
+        seconds: Time spent in the task.
+    """
+
+    features: list[Feature] = field(default_factory=list)
+    open: list[Instance] = field(default_factory=list)
+    n_tiles: int = 0
+    n_skipped: int = 0
+    n_instances: int = 0
+    failures: list[Failure] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from geomask.errors import ConfigError, GeomaskError
 from geomask.instances import Instance
 from geomask.models import detector_options
 from geomask.vectorize import Feature
-from workflows.tasks import BlockResult, Failure
+from workflows.blocks import BlockResult, Failure
 
 FORMAT_VERSION = 1
 OUTPUTS = "outputs.json"

@@ -32,51 +32,9 @@ from geomask.merge import merge_block, split_private
 from geomask.pipeline import RasterPlan, plan_raster, vectorize_plan
 from geomask.tiling import Tile
 from geomask.vectorize import Feature
-from workflows.blocks import Block
+from workflows.blocks import Block, BlockResult, Failure
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One piece of work that did not produce a result, for the failure ledger.
-
-    Attributes:
-        source: Input raster path.
-        block: Block key (``L0-r1-c2`` for a detect task).
-        tile: Tile index, or ``-1`` when the whole task failed.
-        stage: ``read``, ``detect``, ``task`` (the task failed after its retries) or ``merge``.
-        error: One-line error message.
-    """
-
-    source: str
-    block: str
-    tile: int
-    stage: str
-    error: str
-
-
-@dataclass
-class BlockResult:
-    """What one detect or merge task hands back: small by construction.
-
-    Attributes:
-        features: Objects finished in this block, vectorised (map coordinates).
-        open: Border instances whose group may continue outside the block (cropped masks).
-        n_tiles: Tiles this block processed (0 for merge blocks).
-        n_skipped: Tiles without a valid pixel.
-        n_instances: Instances the detector returned, after clipping.
-        failures: Tiles (or the whole task) that failed for a data reason.
-        seconds: Time spent in the task.
-    """
-
-    features: list[Feature] = field(default_factory=list)
-    open: list[Instance] = field(default_factory=list)
-    n_tiles: int = 0
-    n_skipped: int = 0
-    n_instances: int = 0
-    failures: list[Failure] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 @dataclass(frozen=True)

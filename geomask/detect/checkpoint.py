@@ -167,7 +167,7 @@ def save_checkpoint(
         with replacing(out) as tmpdir:  # a run stopped mid-write keeps the previous checkpoint whole
             torch.save(data, tmpdir / out.name)
     except (OSError, RuntimeError) as err:  # torch reports write failures as RuntimeError
-        raise WeightsError(f"cannot write checkpoint {out} ({_first_line(err)}); check the folder is writable and has space") from None
+        raise WeightsError(f"cannot write checkpoint {out} ({first_line(err, 200)}); check the folder is writable and has space") from None
     return out
 
 
@@ -202,14 +202,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         data = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" not in str(err):  # garbage, not objects: torch reports both as unpickling errors
-            raise WeightsError(f"{unreadable} ({_first_line(err)}); it may be truncated or not a .pt file") from None
+        # torch's weights-only refusal names the offending class on a later line; garbage fails the same way without one
+        refused = [line.strip().split(" was not", 1)[0][:200] for line in str(err).splitlines() if "Unsupported global" in line]
+        if not refused:
+            raise WeightsError(f"{unreadable} ({first_line(err, 200)}); it may be truncated or not a .pt file") from None
         raise WeightsError(
-            f"{p} holds pickled Python objects ({_first_line(err)}), which could run arbitrary code; "
+            f"{p} holds pickled Python objects ({refused[0]}), which could run arbitrary code; "
             "geomask loads only weights-only checkpoints: save a plain state dict or a `geomask train` checkpoint"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as err:
-        raise WeightsError(f"{unreadable} ({_first_line(err)}); it may be truncated or not a .pt file") from None
+        raise WeightsError(f"{unreadable} ({first_line(err, 200)}); it may be truncated or not a .pt file") from None
     except Exception as err:  # noqa: BLE001 - random bytes make torch's weights-only unpickler fail in any way (KeyError, IndexError, ...); no code ran
         raise WeightsError(f"{unreadable} ({first_line(err, 200, with_type=True)}); it may be truncated or not a .pt file") from None
     return checkpoint_from_data(data, str(p))
@@ -268,14 +270,6 @@ def _read_inference(raw: object) -> dict[str, Any]:
     except WeightsError as err:
         raise ValueError(str(err)) from None
     return {**{str(k): v for k, v in raw.items() if k not in INFERENCE_KEYS}, **typed}
-
-
-def _first_line(err: BaseException) -> str:
-    """Return :func:`first_line` of ``err``, or the line of torch's weights-only refusal that names the offending class."""
-    for line in str(err).splitlines():  # that refusal names the class on a later line
-        if "Unsupported global" in line:
-            return line.strip().split(" was not", 1)[0][:200]
-    return first_line(err, 200)
 
 
 def set_inference_defaults(source: str | Path, destination: str | Path, values: dict[str, Any], replace: bool = False) -> Path:

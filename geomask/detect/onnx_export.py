@@ -31,8 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from geomask.atomic import replacing
+from geomask.detect.architectures import COCO_WEIGHTS, IMPORTED_ARCHS
 from geomask.detect.checkpoint import CheckpointMeta, load_checkpoint
-from geomask.detect.maskrcnn import COCO_WEIGHTS, IMPORTED_ARCHS, build
+from geomask.detect.maskrcnn import build
 from geomask.detect.onnxrt import METADATA_KEY, ONNX_FORMAT, ONNX_FORMAT_VERSION, OUTPUT_NAMES
 from geomask.errors import WeightsError, first_line
 from geomask.models import bundled_model_path

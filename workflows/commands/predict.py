@@ -149,8 +149,8 @@ def predict(
             fails = [(str(src), f.tile, f.stage, f.error) for f in summary.failures]
             _report(out, [src], summary.seconds, summary.n_tiles, fails, summary.model_card)
             click.echo(
-                f"{summary.n_features} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s "
-                f"(model load {summary.load_seconds:.1f} s; {summary.n_tiles_empty} empty and "
+                f"{summary.n_objects} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s "
+                f"(model load {summary.model_seconds:.1f} s; {summary.n_tiles_empty} empty and "
                 f"{summary.n_tiles_outside_aoi} outside the AOI skipped), "
                 f"{len(summary.failures)} failed tiles -> {summary.output}"
             )

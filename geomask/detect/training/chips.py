@@ -5,7 +5,7 @@ anywhere, so background is learnt too), a window of ``chip_size_px × scale`` wo
 around it is read from the source with resampling straight to ``chip_size_px`` (one windowed read on
 a *chip grid*: the working grid coarsened by ``scale``), and labels are burned with that chip's own
 affine transform. Scale jitter is therefore a different window size, never a second resampling.
-Normalisation is the one ``predict`` applies (:func:`geomask.raster.compute_norm_stats`, once per
+Normalisation is the one ``predict`` applies (:func:`geomask.normalize.compute_norm_stats`, once per
 raster), so training and inference see identical pixel values.
 """
 
@@ -26,7 +26,8 @@ from rasterio.windows import Window
 from geomask.detect.training.augment import Chip, augment, copy_paste, photometric
 from geomask.detect.training.settings import NORMALIZE, TrainSettings
 from geomask.labels import LabelSet, rasterize_instances, read_labels, window_bounds
-from geomask.raster import Grid, NormStats, RasterInfo, RasterReader, compute_norm_stats, inspect_raster, resolve_bands, working_grid
+from geomask.normalize import compute_norm_stats
+from geomask.raster import Grid, NormStats, RasterInfo, RasterReader, inspect_raster, resolve_bands, working_grid
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from geomask.config import NormalizeConfig
+from geomask.detect.architectures import ARCHS
 from geomask.detect.checkpoint import check_inference
-from geomask.detect.maskrcnn import ARCHS
 from geomask.errors import ConfigError, WeightsError
 
 #: Training normalises as ``predict`` does by default, so a model sees the same pixel values in both.

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from geomask.detect.architectures import build_model, count_parameters
 from geomask.detect.base import ModelHints
 from geomask.detect.checkpoint import CheckpointMeta, check_inference, load_checkpoint, save_checkpoint
-from geomask.detect.maskrcnn import MaskRCNNDetector, build_model, count_parameters, resolve_device
+from geomask.detect.maskrcnn import MaskRCNNDetector, resolve_device
 from geomask.detect.training.augment import Chip
 from geomask.detect.training.chips import ChipReader, ChipSampler, TrainRaster, chip_target, open_rasters, validation_chips
 from geomask.detect.training.settings import NORMALIZE, TrainSettings

@@ -12,8 +12,8 @@ import logging
 
 import torch
 
+from geomask.detect.architectures import coco_state_dict
 from geomask.detect.checkpoint import load_checkpoint
-from geomask.detect.maskrcnn import coco_state_dict
 from geomask.errors import WeightsError
 
 log = logging.getLogger(__name__)
