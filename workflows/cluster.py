@@ -1,7 +1,7 @@
 """Getting a Dask client: a local cluster sized to the machine, or an existing cluster by address.
 
-An existing cluster is used as it is: nothing is scaled, and the detector plugin this job registers is
-removed again at the end.
+An existing cluster is used as it is: nothing is scaled, and the plugins this job registers (the
+detector, and the environment for remote inputs) are removed again at the end.
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from contextlib import contextmanager
 from typing import Any, cast
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 
 from geomask.config import DaskConfig
 from geomask.errors import GeomaskError
+from geomask.remote import configure_gdal, forwarded_environ
 
 log = logging.getLogger(__name__)
 WAIT_FOR_WORKERS_S = 120.0
+UNREGISTER_S = 10.0  # how long the end of a job waits for the workers to drop its remote-access plugin
 
 
 class ClusterError(GeomaskError, OSError):
@@ -118,3 +120,51 @@ def _log_dashboard(client: Client, dashboard: bool) -> None:
     if link and dashboard:
         hint = "" if importlib.util.find_spec("bokeh") else " (install bokeh>=3.1 to see it)"
         log.info("dashboard: %s%s", link, hint)
+
+
+class RemoteAccess(WorkerPlugin):  # type: ignore[misc]
+    """Give each worker the client's credentials, endpoint and GDAL network options for remote inputs.
+
+    A worker's own variables win (a node with an instance role or its own profile keeps it). The values
+    travel in memory, pickled to the scheduler and the workers, never into a file; ``repr`` names the
+    variables only.
+    """
+
+    name = "geomask-remote-access"
+
+    def __init__(self, environ: dict[str, str]):
+        self._environ = dict(environ)
+        self._added: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"RemoteAccess({', '.join(sorted(self._environ))})"
+
+    def setup(self, worker: Any) -> None:
+        self._added = [key for key in self._environ if key not in os.environ]
+        os.environ.update({key: self._environ[key] for key in self._added})
+        configure_gdal()
+
+    def teardown(self, worker: Any) -> None:
+        """Take the client's variables out of the worker again when the job ends (the next job may be another user's)."""
+        for key in self._added:
+            os.environ.pop(key, None)
+        configure_gdal()
+
+
+@contextmanager
+def remote_access(client: Client, needed: bool) -> Iterator[None]:
+    """Register :class:`RemoteAccess` for the job when ``needed`` (some input is remote), and unregister it at the end."""
+    if not needed:
+        yield
+        return
+    plugin = RemoteAccess(forwarded_environ(os.environ))
+    client.register_plugin(plugin)
+    try:
+        yield
+    finally:
+        try:
+            if client.status == "running":  # bounded, as for the detector plugin: a frozen worker never answers
+                c = cast(Any, client)
+                c.sync(c._unregister_worker_plugin, name=plugin.name, nanny=None, callback_timeout=UNREGISTER_S)
+        except Exception as err:  # noqa: BLE001 - the variables stay in that worker's memory, as they would in a local one
+            log.debug("could not unregister %s: %s", plugin.name, err)
