@@ -43,7 +43,6 @@ from shapely.geometry.base import BaseGeometry
 
 from geomask.errors import ConfigError, first_line
 from geomask.raster import GDAL_CACHE_BYTES, Grid, RasterInfo
-from geomask.remote import gdal_env
 from geomask.tiling import Tile
 
 log = logging.getLogger(__name__)
@@ -198,7 +197,7 @@ def raster_coverage(info: RasterInfo) -> Coverage:
 
     Reads no full-resolution pixel except one unwritten block (to check that it reads as nodata).
     """
-    with gdal_env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(info.path) as src:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(info.path) as src:
         flags = {f for band in src.mask_flag_enums for f in band}
         if flags == {MaskFlags.all_valid}:
             return Coverage.everywhere(info.width, info.height)  # no nodata, no mask: every pixel is valid

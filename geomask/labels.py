@@ -256,14 +256,13 @@ def rasterize_instances(
     idx = labels.query(window_bounds(transform, height, width))
     if idx.size == 0:
         return [], []
-    with remote.gdal_env():  # outside one, rasterize would build a boto3 session per chip when AWS keys are set
-        burned = rasterize(
-            ((labels.geoms[i], k + 1) for k, i in enumerate(idx.tolist())),
-            out_shape=(height, width),
-            transform=transform,
-            fill=0,
-            dtype="int32",
-        )
+    burned = rasterize(
+        ((labels.geoms[i], k + 1) for k, i in enumerate(idx.tolist())),
+        out_shape=(height, width),
+        transform=transform,
+        fill=0,
+        dtype="int32",
+    )
     masks, ids = [], []
     present, counts = np.unique(burned[burned > 0], return_counts=True)
     for value, count in zip(present.tolist(), counts.tolist()):
@@ -279,8 +278,7 @@ def label_raster(labels: LabelSet, transform: Affine, height: int, width: int) -
     idx = labels.query(window_bounds(transform, height, width))
     out = np.zeros((height, width), dtype=np.int32)
     if idx.size:
-        with remote.gdal_env():
-            out = rasterize(
-                ((labels.geoms[i], int(i) + 1) for i in idx.tolist()), out_shape=(height, width), transform=transform, fill=0, dtype="int32"
-            )
+        out = rasterize(
+            ((labels.geoms[i], int(i) + 1) for i in idx.tolist()), out_shape=(height, width), transform=transform, fill=0, dtype="int32"
+        )
     return out

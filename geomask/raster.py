@@ -27,7 +27,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from geomask.errors import RasterContentError, RasterReadError, first_line
-from geomask.remote import explain_open_error, gdal_env, gdal_path, is_remote, quiet_gdal
+from geomask.remote import explain_open_error, gdal_path, is_remote, quiet_gdal
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ class RasterReader:
         self._env: rasterio.Env | None = None
 
     def __enter__(self) -> RasterReader:
-        self._env = gdal_env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
+        self._env = rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
         self._env.__enter__()
         self._src = rasterio.open(self.info.path)
         return self

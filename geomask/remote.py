@@ -36,8 +36,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-import rasterio
-from rasterio.session import DummySession
+import rasterio.session
 
 from geomask.errors import RasterReadError, first_line
 
@@ -75,6 +74,13 @@ _CREDENTIALS_REFUSED = (
 )
 _MISSING = ("does not exist", "nosuchkey", "nosuchbucket", "not found", "response code: 404")
 _derived: dict[str, str] = {}  # what configure_gdal put into os.environ, so that the next call can take it back
+
+# rasterio builds a boto3 session for every ``rasterio.Env`` — and features.shapes makes two per traced
+# mask — whenever AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are set and boto3 is installed: 47 ms per
+# mask instead of 0.75 ms (DESIGN.md, "Remote inputs"). The session only copies those same variables
+# into GDAL's config, which reads them itself, and geomask opens /vsis3/ paths, for which rasterio
+# never asks boto3 otherwise; so rasterio is told there is no boto3, in every process that reads rasters.
+rasterio.session.boto3 = None  # type: ignore[attr-defined]
 
 
 def is_remote(spec: str | os.PathLike[str]) -> bool:
@@ -191,17 +197,6 @@ def quiet_gdal() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-def gdal_env(**options: Any) -> rasterio.Env:
-    """Return a ``rasterio.Env`` with ``options`` that leaves the credentials to GDAL.
-
-    Without a session, rasterio builds a boto3 session for every ``Env`` — and for every call such as
-    ``features.shapes`` made outside one — whenever ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``
-    are set and boto3 is installed: 20-200 ms each, 40 s of a 2 s run that vectorised 60 masks. GDAL
-    reads the same variables and ``~/.aws`` itself.
-    """
-    return rasterio.Env(session=DummySession(), **options)
 
 
 def forwarded_environ(environ: Mapping[str, str]) -> dict[str, str]:

@@ -20,7 +20,6 @@ from rasterio import features
 from shapely.geometry import MultiPolygon, Polygon, shape
 
 from geomask.instances import Instance
-from geomask.remote import gdal_env
 
 _GEOD = Geod(ellps="WGS84")
 
@@ -109,18 +108,17 @@ def vectorize_instances(
     meter = AreaMeter(crs)
     tol_px = simplify_tolerance_m / gsd_m if simplify_tolerance_m > 0 else 0.0
     out: list[Feature] = []
-    with gdal_env():  # one rasterio environment for every trace: features.shapes outside one makes its own per mask
-        for inst in instances:
-            pix = mask_to_pixel_polygons(inst)
-            if tol_px > 0:
-                pix = as_multipolygon(shapely.simplify(pix, tol_px, preserve_topology=True))
-            if pix.is_empty:
-                continue
-            geom = pixel_to_map(pix, transform)
-            area, perim = meter.measure(geom)
-            if area < min_area_m2:
-                continue
-            out.append(Feature(geom, inst.class_id, inst.score, area, perim))
+    for inst in instances:
+        pix = mask_to_pixel_polygons(inst)
+        if tol_px > 0:
+            pix = as_multipolygon(shapely.simplify(pix, tol_px, preserve_topology=True))
+        if pix.is_empty:
+            continue
+        geom = pixel_to_map(pix, transform)
+        area, perim = meter.measure(geom)
+        if area < min_area_m2:
+            continue
+        out.append(Feature(geom, inst.class_id, inst.score, area, perim))
     return out
 
 

@@ -139,11 +139,7 @@ def _no_gdal_options_left() -> Iterator[None]:
 
 @pytest.fixture()
 def s3_profile(s3: S3, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> S3:
-    """Credentials in a shared credentials file and a named profile (``AWS_PROFILE``), the endpoint in the environment.
-
-    Also faster than keys in variables: with those (and boto3 installed, as moto brings it) rasterio
-    builds a boto3 session for each environment it opens, twice per traced mask.
-    """
+    """Credentials in a shared credentials file under a named profile (``AWS_PROFILE``), the endpoint in the environment."""
     _isolate(monkeypatch, tmp_path)
     credentials = tmp_path / "credentials"
     credentials.write_text(f"[survey]\naws_access_key_id = {s3.key_id}\naws_secret_access_key = {s3.secret}\n")
@@ -408,6 +404,7 @@ def test_remote_errors_are_one_line_and_exit_2(case: str, s3: S3, reference: tup
     assert not out.exists()
 
 
+@pytest.mark.timeout(480)  # a cluster start and three jobs: 90 s alone, over 200 s on a loaded 2-core machine
 def test_a_dask_cluster_reads_s3_with_the_clients_credentials_and_the_run_folder_keeps_etags(
     s3: S3, scene: tuple[Path, Path], reference: tuple[Path, list[tuple[object, ...]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
