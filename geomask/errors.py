@@ -7,6 +7,10 @@ message and exit code 2. Messages name the value, the rule and the way out.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class GeomaskError(Exception):
     """Base of every error geomask raises on purpose."""
@@ -58,3 +62,15 @@ def first_line(err: BaseException, max_chars: int | None = None, with_type: bool
     if not line:
         return type(err).__name__
     return f"{type(err).__name__}: {line}" if with_type else line
+
+
+@contextmanager
+def quiet_logger(name: str, level: int) -> Iterator[None]:
+    """Raise logger ``name`` to ``level`` for the block, so a failure the user gets in one line is not also logged at length."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)

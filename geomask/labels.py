@@ -33,6 +33,7 @@ from pyproj import CRS
 from rasterio.features import rasterize
 from shapely.geometry.base import BaseGeometry
 
+from geomask import remote
 from geomask.errors import LabelError, first_line
 
 log = logging.getLogger(__name__)
@@ -80,11 +81,19 @@ class LabelSet:
 
 
 def expand_paths(patterns: Sequence[str]) -> list[str]:
-    """Expand glob patterns (sorted, de-duplicated); a pattern matching nothing is an error."""
+    """Expand glob patterns (sorted, de-duplicated); a pattern matching nothing is an error.
+
+    Remote patterns (``s3://``, ``https://``, ``/vsi*``) come back as GDAL paths; an ``s3://`` glob is
+    listed (:func:`geomask.remote.glob_s3`). Whether a remote file exists is found when it is opened.
+    """
     out: list[str] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if any(ch in pattern for ch in "*?[") else [pattern]
-        matches = [m for m in matches if Path(m).exists() or "://" in m]
+        globbed = any(ch in remote.url_of(pattern) for ch in "*?[")
+        if remote.is_remote(pattern):
+            matches = [remote.gdal_path(m) for m in (remote.glob_s3(pattern) if globbed else [pattern])]
+        else:
+            matches = sorted(glob.glob(pattern, recursive=True)) if globbed else [pattern]
+            matches = [m for m in matches if Path(m).exists()]
         if not matches:
             raise LabelError(f"{pattern!r} matches no file; check the path or quote the glob")
         out.extend(m for m in matches if m not in out)

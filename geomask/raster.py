@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +26,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError, RasterioIOEr
 from rasterio.windows import Window
 
 from geomask.errors import RasterContentError, RasterReadError, first_line
+from geomask.remote import explain_open_error, gdal_path, is_remote, quiet_gdal
 
 log = logging.getLogger(__name__)
 
@@ -131,17 +133,24 @@ def pixel_size_m(crs: CRS, transform: Affine, width: int, height: int) -> tuple[
 
 
 def inspect_raster(path: str | Path) -> RasterInfo:
-    """Open ``path`` and check it can be processed; raise a one-line error naming the fix if not."""
-    p = str(path)
-    if not Path(p).exists() and "://" not in p:
+    """Open ``path`` and check it can be processed; raise a one-line error naming the fix if not.
+
+    ``path`` may be remote (``s3://``, ``https://``, ``/vsi*``): :attr:`RasterInfo.path` is then the GDAL
+    path every later read opens (:func:`geomask.remote.gdal_path`).
+    """
+    p = gdal_path(path)
+    remote = is_remote(p)
+    if not remote and not Path(p).exists():
         raise RasterReadError(f"input {p!r} does not exist; check the path")
-    if Path(p).is_dir():
+    if not remote and Path(p).is_dir():
         raise RasterReadError(f"input {p!r} is a folder, not a raster; give its files, e.g. '{Path(p) / '*.tif'}' (quoted)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), quiet_gdal() if remote else nullcontext():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             src = rasterio.open(p)
     except RasterioIOError as err:
+        if remote:
+            raise RasterReadError(explain_open_error(p, first_line(err))) from None
         raise RasterReadError(f"{p} is not a readable raster ({first_line(err)}); give a GeoTIFF or another GDAL raster") from None
     with src:
         if src.crs is None:
@@ -175,6 +184,8 @@ def _probe_blocks(src: rasterio.DatasetReader, path: str) -> None:
         for row, col in ((0, 0), (src.height - 1, src.width - 1)):
             src.read(1, window=Window(col, row, 1, 1))
     except RasterioError as err:
+        if is_remote(path):
+            raise RasterReadError(explain_open_error(path, first_line(err))) from None
         raise RasterReadError(f"{path} is corrupt or truncated ({first_line(err)}); re-export or re-download it") from None
 
 
@@ -291,7 +302,8 @@ class RasterReader:
                 raw = self._src.read(self.bands, window=src_window)
                 mask = self._src.dataset_mask(window=src_window)
         except RasterioError as err:
-            raise RasterReadError(f"{self.info.path}: cannot read window {window} ({first_line(err)}); the file may be corrupt") from None
+            cause = "the server failed past GDAL_HTTP_MAX_RETRY retries" if is_remote(self.info.path) else "the file may be corrupt"
+            raise RasterReadError(f"{self.info.path}: cannot read window {window} ({first_line(err)}); {cause}") from None
         valid = mask > 0
         if np.issubdtype(raw.dtype, np.floating):
             valid &= np.isfinite(raw).all(axis=0)

@@ -16,6 +16,7 @@ from types import FrameType
 import click
 
 from geomask.errors import GeomaskError
+from geomask.remote import configure_gdal
 from workflows.exits import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_USAGE, KEPT, JobStopped
 
 log = logging.getLogger("geomask")
@@ -44,6 +45,8 @@ def setup_logging(verbose: int, quiet: int) -> None:
 def cli(verbose: int, quiet: int) -> None:
     """Map buildings or tree crowns in aerial GeoTIFFs as georeferenced polygons."""
     setup_logging(verbose, quiet)
+    set_options = configure_gdal()  # s3:// and https:// inputs: the AWS variables in GDAL's spelling, retries
+    log.debug("GDAL options from the environment: %s", ", ".join(sorted(set_options)))  # names only: never values
 
 
 def _register() -> None:

@@ -8,7 +8,8 @@ Three ways, one per job (``connect``):
   ``jobs`` (a job that ends, by ``scancel``, its time limit or a node failure, is replaced) and cancelled
   when the job ends, also on an error or a signal;
 - ``dask.address`` (``--scheduler``): an existing cluster, used as it is: nothing is scaled, and the
-  detector plugin this job registers is removed again at the end.
+  plugins this job registers (the detector, and the environment for remote inputs) are removed again at
+  the end.
 """
 
 from __future__ import annotations
@@ -25,19 +26,21 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import dask
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, WorkerPlugin
 from distributed.worker_memory import parse_memory_limit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tornado.ioloop import PeriodicCallback
 
 from geomask.config import DaskConfig, read_yaml
-from geomask.errors import ConfigError, GeomaskError, first_line
+from geomask.errors import ConfigError, GeomaskError, first_line, quiet_logger
+from geomask.remote import configure_gdal, forwarded_environ
 from workflows.exits import ClusterStartFailed
 
 log = logging.getLogger(__name__)
 WAIT_FOR_WORKERS_S = 120.0
 KEEP_JOBS_EVERY_S = 5.0  # how often lost worker jobs are resubmitted (after distributed.deploy.lost-worker-timeout, 15 s)
 WORKER_PRELOAD = "workflows.worker_init"  # workers ignore Ctrl-C (the driver handles it) and exit at once when closed
+UNREGISTER_S = 10.0  # how long the end of a job waits for the workers to drop its remote-access plugin
 
 
 class ClusterError(GeomaskError, OSError):
@@ -100,16 +103,11 @@ def _check_memory_limit(cfg: DaskConfig) -> None:
 @contextmanager
 def _quiet_start(verbose: bool) -> Iterator[None]:
     """Hold back Dask's own log while the cluster starts: a failed start is one line (-v shows it all)."""
-    dlog = logging.getLogger("distributed")
     if verbose:
         yield
         return
-    level = dlog.level
-    dlog.setLevel(logging.CRITICAL)
-    try:
+    with quiet_logger("distributed", logging.CRITICAL):
         yield
-    finally:
-        dlog.setLevel(level)
 
 
 def _start_failure(err: BaseException) -> str:
@@ -322,3 +320,51 @@ def _log_dashboard(client: Client, dashboard: bool) -> None:
     if link and dashboard:
         hint = "" if importlib.util.find_spec("bokeh") else " (install bokeh>=3.1 to see it)"
         log.info("dashboard: %s%s", link, hint)
+
+
+class RemoteAccess(WorkerPlugin):  # type: ignore[misc]
+    """Give each worker the client's credentials, endpoint and GDAL network options for remote inputs.
+
+    A worker's own variables win (a node with an instance role or its own profile keeps it). The values
+    travel in memory, pickled to the scheduler and the workers, never into a file; ``repr`` names the
+    variables only.
+    """
+
+    name = "geomask-remote-access"
+
+    def __init__(self, environ: dict[str, str]):
+        self._environ = dict(environ)
+        self._added: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"RemoteAccess({', '.join(sorted(self._environ))})"
+
+    def setup(self, worker: Any) -> None:
+        self._added = [key for key in self._environ if key not in os.environ]
+        os.environ.update({key: self._environ[key] for key in self._added})
+        configure_gdal()
+
+    def teardown(self, worker: Any) -> None:
+        """Take the client's variables out of the worker again when the job ends (the next job may be another user's)."""
+        for key in self._added:
+            os.environ.pop(key, None)
+        configure_gdal()
+
+
+@contextmanager
+def remote_access(client: Client, needed: bool) -> Iterator[None]:
+    """Register :class:`RemoteAccess` for the job when ``needed`` (some input is remote), and unregister it at the end."""
+    if not needed:
+        yield
+        return
+    plugin = RemoteAccess(forwarded_environ(os.environ))
+    client.register_plugin(plugin)
+    try:
+        yield
+    finally:
+        try:
+            if client.status == "running":  # bounded, as for the detector plugin: a frozen worker never answers
+                c = cast(Any, client)
+                c.sync(c._unregister_worker_plugin, name=plugin.name, nanny=None, callback_timeout=UNREGISTER_S)
+        except Exception as err:  # noqa: BLE001 - the variables stay in that worker's memory, as they would in a local one
+            log.debug("could not unregister %s: %s", plugin.name, err)

@@ -8,14 +8,20 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geomask import remote
 from geomask.errors import ExportError, RasterReadError
 from geomask.export import DRIVERS, check_writable
+from geomask.remote import is_remote
 
 GLOB_CHARS = frozenset("*?[")
 
 
-def _expand_one(spec: str, base: Path | None = None) -> list[Path]:
-    text = spec if base is None or Path(spec).is_absolute() else str(base / spec)
+def _expand_one(spec: str, base: str | None = None) -> list[Path]:
+    if base is not None and is_remote(base):  # an entry of a remote list: beside the list unless it is remote itself
+        spec = remote.join(base, spec)
+    if is_remote(spec):
+        return _expand_remote(spec)
+    text = spec if base is None or Path(spec).is_absolute() else str(Path(base) / spec)
     if GLOB_CHARS & set(spec):
         found = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
         if not found:
@@ -29,26 +35,39 @@ def _expand_one(spec: str, base: Path | None = None) -> list[Path]:
     return [path]
 
 
+def _expand_remote(spec: str) -> list[Path]:
+    """Return GDAL paths for a URL or ``/vsi*`` path; an ``s3://`` glob is listed (it is read when planned, not here)."""
+    if not GLOB_CHARS & set(remote.url_of(spec)):
+        return [Path(remote.gdal_path(spec))]
+    found = remote.glob_s3(spec)
+    if not found:
+        raise RasterReadError(f"no object matches {remote.url_of(spec)!r}; check the bucket and the pattern (quote it)")
+    return [Path(remote.gdal_path(url)) for url in found]
+
+
 def expand_inputs(specs: Sequence[str]) -> list[Path]:
     """Turn command-line inputs into raster paths, in order, without duplicates.
 
-    A ``.txt`` file is a list: one path or glob per line, relative to the list's folder; blank lines
-    and lines starting with ``#`` are skipped.
+    A ``.txt`` file (local, or on S3 or HTTP) is a list: one path, URL or glob per line, relative to the
+    list's folder; blank lines and lines starting with ``#`` are skipped. Remote inputs (``s3://``,
+    ``https://``, ``/vsi*``) come back as the GDAL paths that open them (:func:`geomask.remote.gdal_path`);
+    an ``s3://`` glob is listed with s3fs.
     """
     out: list[Path] = []
     for spec in specs:
-        if spec.lower().endswith(".txt") and Path(spec).is_file():
-            listed = Path(spec)
-            for line in listed.read_text().splitlines():
+        if spec.lower().endswith(".txt") and (is_remote(spec) or Path(spec).is_file()):
+            text = remote.read_text(spec) if is_remote(spec) else Path(spec).read_text()
+            base = remote.gdal_path(spec) if is_remote(spec) else str(Path(spec).parent)
+            for line in text.splitlines():
                 entry = line.strip()
                 if entry and not entry.startswith("#"):
-                    out += _expand_one(entry, listed.parent)
+                    out += _expand_one(entry, base)
         else:
             out += _expand_one(spec)
     seen: set[Path] = set()
     unique = []
     for p in out:
-        key = p.resolve()
+        key = p if is_remote(p) else p.resolve()
         if key not in seen:
             seen.add(key)
             unique.append(p)
@@ -97,6 +116,11 @@ def plan_outputs(
         owned: Outputs that the run folder being resumed wrote itself (:attr:`workflows.store.RunStore.outputs`):
             re-running the same command replaces them, as it redoes the failed work.
     """
+    if is_remote(output):
+        raise ExportError(
+            f"-o {output}: outputs are written to a local path (or a mounted share), not to object storage; "
+            "write locally and upload, e.g. `aws s3 cp --recursive out/ s3://bucket/prefix/`"
+        )
     resolved = frozenset(p.resolve() for p in owned)
     if not is_folder_output(output):
         return _checked(OutputLayout(None, Path(output), overwrite, resolved), layer)

@@ -2,7 +2,7 @@
 
 Layout::
 
-    RUN_DIR/manifest.json                      inputs (path, size, mtime), config hash, model name and hash
+    RUN_DIR/manifest.json                      inputs (path, size, mtime; remote: path, size, ETag), config hash, model name and hash
     RUN_DIR/results/<input>/<block>.npz        one per finished task (features as WKB, open instances bit-packed)
     RUN_DIR/failures.jsonl                     the failure ledger of the last run (one JSON object per line)
     RUN_DIR/summary.json                       counts of the last run (tasks computed and loaded, tiles, objects)
@@ -35,6 +35,7 @@ from geomask.config import Config
 from geomask.errors import ConfigError, GeomaskError
 from geomask.instances import Instance
 from geomask.models import detector_options
+from geomask.remote import identity, is_remote
 from geomask.vectorize import Feature
 from workflows.blocks import BlockResult, Failure
 
@@ -79,9 +80,16 @@ def model_hash(factory: str, options: dict[str, Any]) -> str:
 
 
 def describe_inputs(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Return what identifies each input for the manifest: absolute path, size and modification time."""
+    """Return what identifies each input for the manifest: absolute path, size and modification time.
+
+    A remote input (``s3://``, ``https://``, ``/vsi*``) is identified by its GDAL path, size and ETag
+    (:func:`geomask.remote.identity`): an object's mtime is when it was uploaded, not what it holds.
+    """
     out = []
     for p in paths:
+        if is_remote(p):
+            out.append({"path": str(p), **identity(str(p))})
+            continue
         st = p.stat()
         out.append({"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return out
@@ -250,7 +258,8 @@ class RunStore:
         try:
             for line in (self.root / "failures.jsonl").read_text().splitlines():
                 entry = json.loads(line)
-                failed.setdefault(str(Path(entry["source"]).resolve()), set()).add(int(entry["tile"]))
+                source = Path(entry["source"])
+                failed.setdefault(str(source if is_remote(source) else source.resolve()), set()).add(int(entry["tile"]))
         except (OSError, ValueError, KeyError, TypeError):
             failed = {}
         out = {}

@@ -204,7 +204,8 @@ def _run_dask(
     accept_repaired: bool = False,
 ) -> None:
     from geomask.raster import inspect_raster
-    from workflows.cluster import connect, load_cluster_file
+    from geomask.remote import is_remote
+    from workflows.cluster import connect, load_cluster_file, remote_access
     from workflows.job import run_job
     from workflows.store import open_run_dir
 
@@ -221,7 +222,8 @@ def _run_dask(
         cluster_seconds = time.perf_counter() - started
         if client.dashboard_link and cfg.dask.dashboard and not logging.getLogger("workflows.cluster").isEnabledFor(logging.INFO):
             click.echo(f"dashboard: {client.dashboard_link}", err=True)
-        summary = run_job(client, paths, layout, cfg, store, progress_every)
+        with remote_access(client, any(is_remote(p) for p in paths)):  # workers read remote inputs with the client's credentials
+            summary = run_job(client, paths, layout, cfg, store, progress_every)
     if with_preview:
         images = {out: src for src, out in (layout.per_input or {}).items()}
         for out in summary.outputs:  # one file from several inputs is drawn without imagery
