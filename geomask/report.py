@@ -37,16 +37,24 @@ img{max-width:100%;border:1px solid #ccc}pre{background:#f6f6f6;padding:.6em;ove
 """
 
 
-#: Metric name prefixes, most telling first: scores on images the model never trained on beat chip-level validation.
-_SPLITS = (("heldout_", "held-out images"), ("test_", "test images"), ("val_", "validation chips"))
+#: Metric name prefixes, most telling first: the mean over leave-one-place-out folds (the expected accuracy on a
+#: new place) beats scores on held-out images of trained places, which beat chip-level validation.
+_SPLITS = (
+    ("cv_mean_", "places never trained on (mean of N leave-one-place-out folds)"),
+    ("heldout_", "held-out images"),
+    ("test_", "test images"),
+    ("val_", "validation chips"),
+)
 _SCORES = (("precision", "precision"), ("recall", "recall"), ("ap50", "AP50"), ("ap", "AP"))
 
 
 def card_rows(card: ModelCard) -> dict[str, str]:
     """Return the report's model rows for what the model's file states: expected accuracy, its source, all metrics.
 
-    The expected accuracy is the F1 of the most telling split the file names (held-out, then test, then
-    validation), as stored; nothing is computed or rounded beyond three decimals.
+    The expected accuracy is the F1 of the most telling split the file names (the cross-validation mean
+    over places, then held-out, then test, then validation), as stored; nothing is computed or rounded
+    beyond three decimals. The cross-validation split names its number of folds (``cv_folds``) where the
+    others name their number of objects (``*_n_truth``).
     """
     metrics = dict(card.metrics)
     rows = {"expected accuracy": "not stated: the model's file carries no accuracy metrics"}
@@ -55,8 +63,13 @@ def card_rows(card: ModelCard) -> dict[str, str]:
         if f1 is None:
             continue
         parts = [f"F1 {f1:.3f}"] + [f"{label} {metrics[prefix + key]:.3f}" for key, label in _SCORES if prefix + key in metrics]
-        n_truth = metrics.get(prefix + "n_truth")
-        rows["expected accuracy"] = f"{', '.join(parts)} on {split}" + (f" ({n_truth:.0f} objects)" if n_truth else "")
+        if prefix == "cv_mean_":
+            folds = metrics.get("cv_folds")
+            split = split.replace("N ", f"{folds:.0f} " if folds else "")
+            rows["expected accuracy"] = f"{', '.join(parts)} on {split}"
+        else:
+            n_truth = metrics.get(prefix + "n_truth")
+            rows["expected accuracy"] = f"{', '.join(parts)} on {split}" + (f" ({n_truth:.0f} objects)" if n_truth else "")
         break
     if metrics:
         rows["accuracy source"] = card.source or "the detector's card"

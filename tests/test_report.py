@@ -191,6 +191,35 @@ def test_the_report_shows_the_accuracy_the_checkpoint_states_and_where_it_is_wri
     assert "OpenStreetMap" in page  # the attribution travels with the model
 
 
+def test_the_cross_validation_mean_over_places_is_the_expected_accuracy_when_the_file_states_it() -> None:
+    """``cv_mean_*`` (leave-one-place-out folds) beats held-out images of trained places; ``cv_folds`` is shown."""
+    from geomask.detect.base import ModelCard
+    from geomask.report import card_rows
+
+    cv = {"cv_mean_f1": 0.3716, "cv_mean_precision": 0.3598, "cv_mean_recall": 0.4184, "cv_folds": 4.0}
+    rows = card_rows(ModelCard({**cv, "heldout_f1": 0.6123, "heldout_n_truth": 231.0, "val_f1": 0.5}, "ckpt.pt metrics"))
+    expected = "F1 0.372, precision 0.360, recall 0.418 on places never trained on (mean of 4 leave-one-place-out folds)"
+    assert rows["expected accuracy"] == expected
+    assert "heldout_f1 0.6123" in rows["stated metrics"] and "cv_folds 4" in rows["stated metrics"]
+    no_folds = card_rows(ModelCard({"cv_mean_f1": 0.3716}, "x"))["expected accuracy"]
+    assert no_folds == "F1 0.372 on places never trained on (mean of leave-one-place-out folds)"
+
+
+def test_the_shipped_buildings_model_reports_its_cross_validation_mean() -> None:
+    pytest.importorskip("torch")
+    from geomask.detect.base import ModelCard
+    from geomask.detect.checkpoint import load_checkpoint
+    from geomask.models import BUNDLED_MODELS, MODELS_DIR
+    from geomask.report import card_rows
+
+    meta = load_checkpoint(MODELS_DIR / BUNDLED_MODELS["buildings"]).meta
+    assert meta is not None
+    row = card_rows(ModelCard(meta.metrics, "its metrics"))["expected accuracy"]
+    assert row.startswith(f"F1 {meta.metrics['cv_mean_f1']:.3f}, precision ") and row.endswith(
+        f"(mean of {meta.metrics['cv_folds']:.0f} leave-one-place-out folds)"
+    )
+
+
 def test_a_model_that_states_no_accuracy_is_reported_as_such(run: tuple[Path, Path]) -> None:
     page = run[1].read_text()  # the truth detector has no card
     assert "<td>expected accuracy</td><td>not stated: the model&#x27;s file carries no accuracy metrics</td>" in page
