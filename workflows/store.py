@@ -32,6 +32,7 @@ from shapely.geometry import MultiPolygon
 
 from geomask.atomic import write_bytes_atomic
 from geomask.config import Config
+from geomask.digest import file_sha256
 from geomask.errors import ConfigError, GeomaskError
 from geomask.instances import Instance
 from geomask.models import detector_options
@@ -63,19 +64,11 @@ def config_hash(config: Config) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_hash(factory: str, options: dict[str, Any]) -> str:
     """Hash the detector factory, its options and the content of every file an option names (weights, or the bundled model)."""
     digest = hashlib.sha256(json.dumps({"factory": factory, "options": options}, sort_keys=True, default=str).encode())
     for path in detector_options(factory).model_files(options):  # a shipped model counts: a release may ship new weights
-        digest.update(_file_digest(path).encode())
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()[:16]
 
 

@@ -21,7 +21,6 @@ Three steps, each refusing what it cannot do exactly:
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import logging
 import pickle
@@ -37,6 +36,7 @@ import torch
 from geomask.detect.checkpoint import CheckpointMeta, check_inference, save_checkpoint
 from geomask.detect.d2_arch import build_detectron2_model
 from geomask.detect.d2_config import Detectron2Config, read_detectron2_config
+from geomask.digest import file_sha256
 from geomask.errors import WeightsError, first_line
 
 log = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ def import_detectron2(
         training={
             "converted_from": "detectron2",
             "checkpoint": source.name,
-            "checkpoint_sha256": _sha256(source),
+            "checkpoint_sha256": file_sha256(source),
             "config": Path(config).name,
             "input_format": cfg.input_format,
             "min_size_test": cfg.min_size_test,
@@ -353,11 +353,3 @@ def import_detectron2(
         arch_options=cfg.arch.to_dict(),
     )
     return save_checkpoint(output, meta, state), meta
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
