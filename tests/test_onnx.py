@@ -184,3 +184,19 @@ print("ok", det.name)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("ok onnx-tiny_fpn")
+
+
+def test_a_checkpoint_with_tta_defaults_exports_without_tta(
+    models: tuple[Path, Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The graph runs one view per call: a checkpoint whose defaults ask for TTA exports with a warning, and the
+    exported file does not carry ``tta`` (else every ONNX run with the file's own defaults would be refused)."""
+    from geomask.detect.checkpoint import set_inference_defaults
+
+    ckpt, _, _ = models
+    with_tta = set_inference_defaults(ckpt, tmp_path / "tta.pt", {"tta": 4, "min_area_m2": 2.0})
+    out = export_onnx(str(with_tta), tmp_path / "tta.onnx", score_threshold=0.05)
+    assert "tta 4" in caplog.text and "runs without it" in caplog.text
+    assert read_metadata(out)["inference"] == {"min_area_m2": 2.0}  # the other defaults travel
+    det = load_detector("geomask.detect.maskrcnn:build", {"weights": str(out), "device": "cpu"})
+    assert isinstance(det, OnnxDetector)

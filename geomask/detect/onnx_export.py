@@ -88,6 +88,15 @@ def export_onnx(
     except ImportError:
         raise WeightsError("export-model needs the onnx package; install it with: pip install 'geomask[onnx]'") from None
     meta = _checkpoint_meta(weights)
+    if meta is not None and meta.inference.get("tta", 1) != 1:
+        # The graph is one view per call (the view fusion is the torch detector's): keep the file honest about it.
+        log.warning(
+            "%s: the checkpoint's inference defaults use test-time augmentation (tta %s); the ONNX graph runs without it "
+            "(its accuracy can be lower than the checkpoint's stated metrics, which were measured with it)",
+            weights,
+            meta.inference["tta"],
+        )
+        meta = CheckpointMeta(**{**meta.__dict__, "inference": {k: v for k, v in meta.inference.items() if k != "tta"}})
     if meta is not None and meta.arch in IMPORTED_ARCHS:
         raise WeightsError(
             f"{weights} is a converted {meta.arch} model, which export-model does not support (its Detectron2 mask pasting and "
