@@ -200,3 +200,20 @@ def test_a_checkpoint_with_tta_defaults_exports_without_tta(
     assert read_metadata(out)["inference"] == {"min_area_m2": 2.0}  # the other defaults travel
     det = load_detector("geomask.detect.maskrcnn:build", {"weights": str(out), "device": "cpu"})
     assert isinstance(det, OnnxDetector)
+
+
+@pytest.mark.parametrize("mode", ["--serial", "--workers=1"])
+def test_predict_cli_runs_where_torch_cannot_be_imported(models: tuple[Path, Path, Path], tmp_path: Path, mode: str) -> None:
+    """The whole `geomask predict` (CLI, pipeline, Dask workers, writers) with ONNX weights needs no torch: what
+    the torch-free install (requirements/onnx-runtime.txt) relies on. Workers inherit the blocked import through
+    a sitecustomize on PYTHONPATH, as a torch-free environment would have it."""
+    _, onnx_path, image = models
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\nsys.modules['torchvision'] = None\n")
+    out = tmp_path / "free.geojson"
+    env = {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{Path(__file__).resolve().parents[1]}"}
+    cmd = [sys.executable, "-m", "workflows.cli", "-q", "predict", str(image), "-o", str(out), "--weights", str(onnx_path), mode]
+    done = subprocess.run([*cmd, "--no-preview"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(gpd.read_file(out)) >= 5
