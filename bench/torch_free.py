@@ -43,7 +43,7 @@ import numpy as np, rasterio
 from rasterio.windows import Window
 from geomask.detect.base import TileImage, load_detector
 from geomask.tiling import Tile
-det = load_detector("geomask.detect.maskrcnn:build", json_options)
+det = load_detector("geomask.detect.maskrcnn:build", json.loads(json_options))
 with rasterio.open(image) as src:
     data = src.read(window=Window(0, 0, 1024, 1024), out_shape=(3, 256, 256)).astype(np.float32) / 255
 win = Window(0, 0, 256, 256)
@@ -54,10 +54,8 @@ print(json.dumps({"s": time.perf_counter() - t0, "rss_mb": resource.getrusage(re
 """
 
 
-def run(cmd: list[str], **kw: object) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, **kw)  # type: ignore[call-overload]
-    return time.perf_counter() - t0
+def run(cmd: list[str]) -> None:
+    subprocess.run(cmd, check=True)
 
 
 def install(venv: Path, torch_free: bool) -> dict[str, float]:
@@ -77,9 +75,7 @@ def install(venv: Path, torch_free: bool) -> dict[str, float]:
 
 
 def first_tile(venv: Path, options: dict[str, object], image: Path) -> dict[str, float]:
-    code = f"import json\njson_options = {json.dumps(options)!r}\nimage = {str(image)!r}\n" + FIRST_TILE.replace(
-        "json_options)", "json.loads(json_options))"
-    )
+    code = f"import json\njson_options = {json.dumps(options)!r}\nimage = {str(image)!r}\n" + FIRST_TILE
     wall0 = time.perf_counter()
     done = subprocess.run([str(venv / "bin" / "python"), "-c", code], capture_output=True, text=True, check=True, cwd="/")
     out: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
@@ -96,9 +92,8 @@ def predict(venv: Path, args: list[str], out: Path, workers: bool) -> dict[str, 
     while proc.poll() is None:
         try:
             peak_main = max(peak_main, proc.memory_info().rss)
-            for child in proc.children(recursive=True):
-                if any("distributed" in part or "dask" in part for part in child.cmdline()) or workers:
-                    peak_child = max(peak_child, child.memory_info().rss)
+            for child in proc.children(recursive=True):  # --workers 1: the nanny and its worker (--serial: none)
+                peak_child = max(peak_child, child.memory_info().rss)
         except psutil.Error:
             pass
         time.sleep(0.2)

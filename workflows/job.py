@@ -301,12 +301,7 @@ class _Job:
         """Report one finished future; a cancelled one means the cluster dropped the job, never a data failure."""
         inp, block = self.futures.pop(fut)
         try:
-            # Bounded: a task that finished on a worker frozen since (SIGSTOP, a hung node) holds its result there,
-            # and an unbounded fetch would wait for it forever.
-            result = fut.result(timeout=None if self.watch.stall_s == float("inf") else self.watch.stall_s)
-        except TimeoutError:
-            self.watch.check_client()
-            raise self.watch.stalled(f"the result of task {fut.key} could not be fetched within {self.watch.stall_s:.0f} s") from None
+            result = self.watch.fetch(fut)
         except CancelledError:  # not a failed tile: nothing may be written from the cancelled work
             self.watch.check_client()
             raise self.watch.dropped(f"task {fut.key}") from None

@@ -50,6 +50,15 @@ class ClusterWatch:
         if self.client.status not in ("running", "newly-created"):
             raise SchedulerLost(f"lost the Dask scheduler at {self.address}; {self.kept}")
 
+    def fetch(self, fut: Future[Any]) -> Any:
+        """A finished future's result, fetched within the stall timeout: a worker frozen since it finished the task
+        holds the result there, and an unbounded fetch would wait for it forever. Cancellation propagates."""
+        try:
+            return fut.result(timeout=None if self.stall_s == float("inf") else self.stall_s)
+        except TimeoutError:
+            self.check_client()
+            raise self.stalled(f"the result of task {fut.key} could not be fetched within {self.stall_s:.0f} s") from None
+
     def result(self, fut: Future[Any], what: str) -> Any:
         """Wait for one early future (describe, plan) with the same watchdog as the main loop."""
         try:
