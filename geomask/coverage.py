@@ -45,6 +45,7 @@ from scipy import ndimage
 from shapely.affinity import affine_transform
 from shapely.geometry.base import BaseGeometry
 
+from geomask import remote
 from geomask.errors import ConfigError, first_line
 from geomask.raster import GDAL_CACHE_BYTES, Grid, RasterInfo
 from geomask.tiling import Tile
@@ -260,12 +261,15 @@ def load_aoi(path: str | Path, crs: CRS) -> BaseGeometry:
     """
     import pyogrio
 
-    p = str(path)
-    if not Path(p).exists() and "://" not in p:
+    p = remote.gdal_path(path) if remote.is_remote(path) else str(path)
+    if not remote.is_remote(p) and not Path(p).exists():
         raise ConfigError(f"tiling.aoi {p!r} does not exist; give a vector file (GeoPackage, GeoJSON, Shapefile, ...)")
     try:
         frame = pyogrio.read_dataframe(p)
     except Exception as err:  # noqa: BLE001 - any reader error is the same one line for the user
+        if remote.is_remote(p):
+            why = remote.explain_open_error(p, first_line(err), expected="an OGR vector file (GeoPackage, GeoJSON, ...)")
+            raise ConfigError(f"tiling.aoi: {why}") from None
         raise ConfigError(f"tiling.aoi {p}: cannot read it as a vector file ({first_line(err)}); give an OGR vector") from None
     geoms = frame.geometry[frame.geometry.notna() & ~frame.geometry.is_empty]
     if geoms.empty:

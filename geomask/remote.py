@@ -296,12 +296,14 @@ def _unreachable(host: str, port: int, timeout_s: float = 5.0) -> str | None:
         return err.strerror or type(err).__name__
 
 
-def explain_open_error(path: str, message: str, environ: Mapping[str, str] | None = None) -> str:
+def explain_open_error(
+    path: str, message: str, environ: Mapping[str, str] | None = None, expected: str = "a GeoTIFF (a COG reads fastest)"
+) -> str:
     """Turn GDAL's (or botocore's) error for a remote path into one line naming the cause and the fix.
 
     GDAL says "does not exist" for an endpoint it could not reach once it has retried, so the endpoint
     is probed first (one TCP connection). The message never holds a credential: only the URL, the
-    endpoint's host and the server's own error text.
+    endpoint's host and the server's own error text. ``expected`` names what the file should be.
     """
     env = os.environ if environ is None else environ
     url = url_of(path)
@@ -321,4 +323,4 @@ def explain_open_error(path: str, message: str, environ: Mapping[str, str] | Non
     if any(word in low for word in _MISSING):
         fix = "check the bucket and key (`aws s3 ls` the prefix)" if s3 else "check the URL"
         return f"{url} does not exist ({message}); {fix}"
-    return f"{url} cannot be read ({message}); check that it is a GeoTIFF (a COG reads fastest) and that the server honours Range requests"
+    return f"{url} cannot be read ({message}); check that it is {expected} and that the server honours Range requests"

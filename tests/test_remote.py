@@ -553,3 +553,71 @@ def test_training_images_from_s3_are_listed_and_opened(s3_profile: S3, scene: tu
     (local_raster,) = open_rasters([str(scene[0])], [str(labels)], TrainSettings(gsd_m=None))
     assert remote_raster.info.path == images[0]
     assert (remote_raster.grid, remote_raster.stats, len(remote_raster.labels)) == (local_raster.grid, local_raster.stats, 1)
+
+
+def _label_polygons(label_raster: Path, path: Path) -> Path:
+    """Polygonise a label raster into a GeoJSON of labels (what a user brings to ``geomask train``)."""
+    import geopandas as gpd
+    import rasterio.features
+
+    with rasterio.open(label_raster) as src:
+        values, transform, crs = src.read(1), src.transform, src.crs
+    shapes = [shapely.geometry.shape(g) for g, v in rasterio.features.shapes(values, mask=values > 0, transform=transform)]
+    gpd.GeoDataFrame(geometry=shapes, crs=crs).to_file(path, driver="GeoJSON")
+    return path
+
+
+def test_geomask_train_on_s3_images_and_labels_equals_training_on_the_local_files(
+    s3_env: S3, scene: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``geomask train`` end to end with every input on S3: the same weights, bit for bit, as from the local files."""
+    import torch
+
+    from geomask.detect.checkpoint import load_checkpoint
+
+    image, label_raster = scene
+    labels = _label_polygons(label_raster, tmp_path / "labels.geojson")
+    s3_env.client().upload_file(str(labels), BUCKET, "train/labels.geojson")
+    common = ["--arch", "tiny_fpn", "--native-gsd", "--iterations", "2", "--val-every", "2", "--chip-size", "64"]
+    common += ["--batch-size", "2", "--threads", "1", "--device", "cpu", "--seed", "3", "--no-val", "--keep", "last"]
+    runs = {
+        "local": ["--images", str(image), "--labels", str(labels)],
+        "s3": ["--images", f"s3://{BUCKET}/a/sc*.tif", "--labels", f"s3://{BUCKET}/train/labels.geojson"],
+    }
+    weights = {}
+    for name, inputs in runs.items():
+        out = tmp_path / f"{name}.pt"
+        try:
+            main(["train", *inputs, "-o", str(out), *common])
+        except SystemExit as exit_:
+            assert exit_.code in (0, None), f"geomask train ({name}) exited {exit_.code}"
+        weights[name] = load_checkpoint(out).state_dict
+    assert weights["s3"].keys() == weights["local"].keys()
+    assert all(torch.equal(weights["s3"][k], weights["local"][k]) for k in weights["local"])
+
+
+def test_an_aoi_file_on_s3_selects_the_same_objects_as_a_local_one(
+    s3_env: S3, reference: tuple[Path, list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    import geopandas as gpd
+
+    config, expected = reference
+    (x0, y0), (x1, y1) = TRANSFORM @ (300, 300), TRANSFORM @ (600, 600)
+    aoi = tmp_path / "aoi.geojson"
+    gpd.GeoDataFrame(geometry=[shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))], crs="EPSG:32633").to_file(aoi)
+    s3_env.client().upload_file(str(aoi), BUCKET, "aoi/site.geojson")
+    local, remote_out = tmp_path / "local.gpkg", tmp_path / "s3.gpkg"
+    _predict(f"s3://{BUCKET}/a/scene.tif", "-o", local, "-c", config, "--serial", "--aoi", aoi)
+    _predict(f"s3://{BUCKET}/a/scene.tif", "-o", remote_out, "-c", config, "--serial", "--aoi", f"s3://{BUCKET}/aoi/site.geojson")
+    assert polygons(remote_out) == polygons(local)
+    assert 0 < len(polygons(local)) < len(expected)
+
+
+def test_a_missing_aoi_on_s3_is_one_line_and_exit_2(s3: S3, reference: tuple[Path, list[tuple[object, ...]]], tmp_path: Path) -> None:
+    config, _ = reference
+    args = ["predict", f"s3://{BUCKET}/a/scene.tif", "-o", str(tmp_path / "o.gpkg"), "-c", str(config), "--serial"]
+    result = _geomask([*args, "--aoi", f"s3://{BUCKET}/aoi/none.geojson"], {**_clean_env(tmp_path), **s3.environ()}, tmp_path)
+    errors = [ln for ln in result.stderr.splitlines() if " INFO " not in ln]  # the model is loaded (and says so) first
+    assert result.returncode == 2 and len(errors) == 1, result.stderr
+    assert f"tiling.aoi: s3://{BUCKET}/aoi/none.geojson does not exist" in errors[0] and "Traceback" not in result.stderr
+    assert not (tmp_path / "o.gpkg").exists()

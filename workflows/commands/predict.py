@@ -22,6 +22,7 @@ from geomask.detect.base import ModelCard
 from geomask.inference import TileFailure
 from geomask.models import detector_options
 from geomask.pipeline import run_serial
+from geomask.remote import gdal_path, is_remote
 from workflows.commands.options import config_option, device_option, overwrite_option, resolve_cli_config
 from workflows.exits import EXIT_FAILURES
 from workflows.inputs import OutputLayout, expand_inputs, plan_outputs
@@ -111,7 +112,8 @@ def predict(
         {
             "detector.factory": detector,
             "tiling.size_px": tile_size,
-            "tiling.aoi": str(Path(aoi).resolve()) if aoi else None,  # absolute: workers may run elsewhere
+            # Absolute (workers may run elsewhere); a remote file (s3://, https://, /vsi*) as the GDAL path that opens it.
+            "tiling.aoi": (gdal_path(aoi) if is_remote(aoi) else str(Path(aoi).resolve())) if aoi else None,
             "detector.batch_size": batch_size,
             "dask.address": scheduler,
             "dask.cluster": str(Path(cluster_file).resolve()) if cluster_file else None,
