@@ -621,3 +621,67 @@ def test_a_missing_aoi_on_s3_is_one_line_and_exit_2(s3: S3, reference: tuple[Pat
     assert result.returncode == 2 and len(errors) == 1, result.stderr
     assert f"tiling.aoi: s3://{BUCKET}/aoi/none.geojson does not exist" in errors[0] and "Traceback" not in result.stderr
     assert not (tmp_path / "o.gpkg").exists()
+
+
+# -- STAC --------------------------------------------------------------------------------------------
+
+
+def _stac_item(item_id: str, assets: dict[str, str]) -> dict[str, object]:
+    """A STAC item over the scene's footprint, written by pystac, with ``assets`` (name -> href)."""
+    import datetime
+
+    import pystac
+
+    footprint = shapely.box(15.0, 46.9, 15.01, 46.91)  # what a catalogue stores; geomask reads the raster's own georeferencing
+    item = pystac.Item(item_id, shapely.geometry.mapping(footprint), list(footprint.bounds), datetime.datetime(2026, 5, 1), {})
+    for name, href in assets.items():
+        item.add_asset(name, pystac.Asset(href, media_type=pystac.MediaType.COG, roles=["data"]))
+    item.add_asset("thumbnail", pystac.Asset("thumb.png", media_type=pystac.MediaType.PNG, roles=["thumbnail"]))
+    return item.to_dict(include_self_link=False)
+
+
+def test_a_stac_item_collection_runs_as_is(
+    s3_env: S3, scene: tuple[Path, Path], web: HTTP, reference: tuple[Path, list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    """A saved search result served over HTTP: one item's COG beside it (relative href), one on S3; and a local item file."""
+    config, expected = reference
+    image, _ = scene
+    items = [
+        _stac_item("over-http", {"visual": image.name, "analytic": "elsewhere.tif"}),
+        _stac_item("on-s3", {"image": f"s3://{BUCKET}/b/scene.tif"}),
+    ]
+    (image.parent / "search.json").write_text(json.dumps({"type": "FeatureCollection", "features": items}))
+    out = tmp_path / "out"
+    _predict(f"{web.root}search.json", "-o", f"{out}/", "-c", config, "--serial")
+    assert sorted(p.name for p in out.glob("*.gpkg")) == ["scene.gpkg", "scene_cog.gpkg"]
+    assert polygons(out / "scene_cog.gpkg") == expected and polygons(out / "scene.gpkg") == expected
+
+    local_item = tmp_path / "item.json"
+    local_item.write_text(json.dumps(_stac_item("local", {"ortho": str(Path("..") / image.parent.name / image.name), "dsm": "dsm.tif"})))
+    _predict(local_item, "--asset", "ortho", "-o", tmp_path / "local.gpkg", "-c", config, "--serial")
+    assert polygons(tmp_path / "local.gpkg") == expected
+
+
+@pytest.mark.parametrize(
+    ("case", "needle"),
+    [
+        ("no such asset", "has no asset 'nir' (it has: a, b, thumbnail); pick one with --asset"),
+        ("two rasters", "has 2 raster assets (a, b); pick one with --asset"),
+        ("not stac", "is not a STAC item or item collection"),
+    ],
+)
+def test_stac_mistakes_are_one_line_and_exit_2(
+    case: str, needle: str, reference: tuple[Path, list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    config, _ = reference
+    item = tmp_path / "item.json"
+    body: object = {"type": "Topology"} if case == "not stac" else _stac_item("two", {"a": "a.tif", "b": "b.tif"})
+    item.write_text(json.dumps(body))
+    extra = ["--asset", "nir"] if case == "no such asset" else []
+    result = _geomask(
+        ["predict", str(item), *extra, "-o", str(tmp_path / "o.gpkg"), "-c", str(config), "--serial"], _clean_env(tmp_path), tmp_path
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "o.gpkg").exists()

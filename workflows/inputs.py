@@ -1,12 +1,14 @@
-"""Many inputs per job: paths, glob patterns and ``.txt`` list files in; one output layout out."""
+"""Many inputs per job: paths, glob patterns, ``.txt`` list files and STAC items in; one output layout out."""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from geomask import remote
 from geomask.errors import ExportError, RasterReadError
@@ -45,17 +47,87 @@ def _expand_remote(spec: str) -> list[Path]:
     return [Path(remote.gdal_path(url)) for url in found]
 
 
-def expand_inputs(specs: Sequence[str]) -> list[Path]:
+# Media types of the assets a STAC item may hand to GDAL as a raster (any GeoTIFF profile, JPEG 2000).
+RASTER_MEDIA_TYPES = ("image/tiff", "image/jp2", "image/vnd.stac.geotiff")
+
+
+def _stac_items(spec: str) -> list[Any]:
+    """Read a STAC item or item collection (a local file or a URL) with pystac; a bad one is one line."""
+    try:
+        import pystac
+    except ImportError:
+        raise RasterReadError(f"input {spec} is JSON (a STAC item?): reading STAC needs pystac; `pip install pystac`") from None
+    try:
+        data = json.loads(remote.read_text(spec) if is_remote(spec) else Path(spec).read_text())
+    except ValueError as err:
+        raise RasterReadError(f"input {spec} is not valid JSON ({err}); give a STAC item or item collection") from None
+    kind = data.get("type") if isinstance(data, dict) else None
+    try:
+        if kind == "FeatureCollection":
+            items = list(pystac.ItemCollection.from_dict(data).items)
+        elif kind == "Feature":
+            items = [pystac.Item.from_dict(data)]
+        else:
+            raise ValueError(f"its type is {kind!r}")
+    except (ValueError, KeyError, TypeError, pystac.STACError) as err:
+        raise RasterReadError(
+            f"input {spec} is not a STAC item or item collection ({err}); give one (e.g. a saved search result)"
+        ) from None
+    if not items:
+        raise RasterReadError(f"STAC item collection {spec} holds no items; check the search that wrote it")
+    return items
+
+
+def _pick_asset(item: Any, spec: str, asset: str | None) -> str:
+    """Return the href of ``asset`` (or of the item's only raster asset) of one STAC item."""
+    assets = dict(item.assets)
+    if asset is not None:
+        if asset not in assets:
+            raise RasterReadError(
+                f"STAC item {item.id!r} in {spec} has no asset {asset!r} (it has: {', '.join(assets)}); pick one with --asset"
+            )
+        return str(assets[asset].href)
+    rasters = [k for k, a in assets.items() if (a.media_type or "").startswith(RASTER_MEDIA_TYPES)]
+    if "visual" in rasters:
+        return str(assets["visual"].href)
+    if len(rasters) != 1:
+        names = ", ".join(rasters or list(assets))
+        raise RasterReadError(f"STAC item {item.id!r} in {spec} has {len(rasters)} raster assets ({names}); pick one with --asset")
+    return str(assets[rasters[0]].href)
+
+
+def _expand_stac(spec: str, asset: str | None) -> list[Path]:
+    """The raster assets of a STAC item or item collection, a relative href taken beside the JSON file."""
+    base = remote.gdal_path(spec) if is_remote(spec) else str(Path(spec).resolve().parent)
+    out: list[Path] = []
+    for item in _stac_items(spec):
+        href = _pick_asset(item, spec, asset)
+        if href.startswith("file://"):
+            href = href[len("file://") :]
+        out += _expand_one(href, base)
+    return out
+
+
+def is_stac(spec: str) -> bool:
+    """Return whether an input names a STAC item or item collection (a ``.json`` file or URL)."""
+    return remote.url_of(spec).lower().split("?")[0].endswith(".json") and (is_remote(spec) or Path(spec).is_file())
+
+
+def expand_inputs(specs: Sequence[str], asset: str | None = None) -> list[Path]:
     """Turn command-line inputs into raster paths, in order, without duplicates.
 
     A ``.txt`` file (local, or on S3 or HTTP) is a list: one path, URL or glob per line, relative to the
-    list's folder; blank lines and lines starting with ``#`` are skipped. Remote inputs (``s3://``,
-    ``https://``, ``/vsi*``) come back as the GDAL paths that open them (:func:`geomask.remote.gdal_path`);
-    an ``s3://`` glob is listed with s3fs.
+    list's folder; blank lines and lines starting with ``#`` are skipped. A ``.json`` file or URL is a
+    STAC item or item collection (a catalogue search result, read with pystac): each item gives its
+    asset named ``asset`` (default: ``visual``, else its only GeoTIFF/JPEG 2000 asset), a relative href
+    beside the JSON. Remote inputs (``s3://``, ``https://``, ``/vsi*``) come back as the GDAL paths that
+    open them (:func:`geomask.remote.gdal_path`); an ``s3://`` glob is listed with s3fs.
     """
     out: list[Path] = []
     for spec in specs:
-        if spec.lower().endswith(".txt") and (is_remote(spec) or Path(spec).is_file()):
+        if is_stac(spec):
+            out += _expand_stac(spec, asset)
+        elif spec.lower().endswith(".txt") and (is_remote(spec) or Path(spec).is_file()):
             text = remote.read_text(spec) if is_remote(spec) else Path(spec).read_text()
             base = remote.gdal_path(spec) if is_remote(spec) else str(Path(spec).parent)
             for line in text.splitlines():

@@ -48,6 +48,10 @@ log = logging.getLogger("geomask")
     type=click.Path(dir_okay=False),
     help="Area of interest (any OGR vector, any CRS; tiling.aoi): only tiles touching it are read, only objects touching it written.",
 )
+@click.option(
+    "--asset",
+    help="For STAC inputs (an item or item collection, .json file or URL): the asset to read (default: 'visual', else the only GeoTIFF).",
+)
 @click.option("--batch-size", type=int, help="Tiles per detector call (detector.batch_size).")
 @device_option("torch device for the built-in detector: auto, cpu, cuda, cuda:1.")
 @click.option("--serial", is_flag=True, help="Run in this process without Dask (the reference path).")
@@ -89,6 +93,7 @@ def predict(
     tile_size: int | None,
     overlap: int | None,
     aoi: str | None,
+    asset: str | None,
     batch_size: int | None,
     device: str | None,
     serial: bool,
@@ -106,7 +111,7 @@ def predict(
     progress_every: float,
     with_preview: bool,
 ) -> None:
-    """Detect objects in INPUTS (GeoTIFFs, globs, or .txt lists of them) and write georeferenced polygons to --output."""
+    """Detect objects in INPUTS (GeoTIFFs, globs, .txt lists of them, or STAC items) and write georeferenced polygons to --output."""
     cfg = resolve_cli_config(
         config_path,
         {
@@ -126,7 +131,7 @@ def predict(
     if overlap is not None:  # in pixels, replacing an overlap in metres from the config
         cfg = merge_overrides(cfg, {"tiling.overlap_px": overlap, "tiling.overlap_m": None})
     cfg = _with_detector_options(cfg, weights, device)
-    paths = expand_inputs(inputs)
+    paths = expand_inputs(inputs, asset)
     # Outputs are checked before anything runs; those a resumed --run-dir wrote itself may be replaced.
     owned: frozenset[Path] = frozenset()
     if run_dir and not serial:
