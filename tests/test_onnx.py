@@ -217,3 +217,17 @@ def test_predict_cli_runs_where_torch_cannot_be_imported(models: tuple[Path, Pat
     done = subprocess.run([*cmd, "--no-preview"], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(gpd.read_file(out)) >= 5
+
+
+def test_pt_weights_without_torch_say_how_to_fix_it(models: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    ckpt, _, image = models
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\nsys.modules['torchvision'] = None\n")
+    env = {**os.environ, "PYTHONPATH": f"{block}{os.pathsep}{Path(__file__).resolve().parents[1]}"}
+    cmd = [sys.executable, "-m", "workflows.cli", "-q", "predict", str(image), "-o", str(tmp_path / "o.gpkg"), "--weights", str(ckpt)]
+    done = subprocess.run([*cmd, "--serial"], capture_output=True, text=True, env=env, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert ".pt weights need torch" in lines[0] and "geomask export-model" in lines[0]
+    assert not (tmp_path / "o.gpkg").exists()

@@ -115,6 +115,11 @@ def load_detector(factory: str, options: dict[str, Any] | None = None) -> Detect
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
+        if getattr(err, "name", None) in ("torch", "torchvision"):  # a torch-free install given .pt weights
+            raise DetectorError(
+                f"cannot import detector module {module_name!r} ({err}): .pt weights need torch; "
+                "install it (`pip install torch torchvision`) or export ONNX weights (`geomask export-model`) and pass the .onnx file"
+            ) from None
         raise DetectorError(f"cannot import detector module {module_name!r} ({err}); is it installed or on PYTHONPATH?") from None
     func = getattr(module, attr, None)
     if not callable(func):

@@ -21,6 +21,7 @@ import json
 import pickle
 import zipfile
 from dataclasses import asdict, dataclass, field
+from dataclasses import replace as replaced
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +289,7 @@ def set_inference_defaults(source: str | Path, destination: str | Path, values: 
     merged.update(check_inference({k: v for k, v in values.items() if v is not None}))
     for key in [k for k, v in values.items() if v is None]:
         merged.pop(key, None)
-    meta = CheckpointMeta(**{**ckpt.meta.__dict__, "inference": merged})
+    meta = replaced(ckpt.meta, inference=merged)
     return save_checkpoint(destination, meta, ckpt.state_dict, train_state=ckpt.train_state)
 
 
@@ -301,5 +302,5 @@ def export_half(source: str | Path, destination: str | Path, metrics: dict[str, 
     ckpt = load_checkpoint(source)
     if ckpt.meta is None:
         raise WeightsError(f"{source} is a plain state dict without metadata; only geomask checkpoints can be exported")
-    meta = ckpt.meta if metrics is None else CheckpointMeta(**{**ckpt.meta.__dict__, "metrics": dict(metrics)})
+    meta = ckpt.meta if metrics is None else replaced(ckpt.meta, metrics=dict(metrics))
     return save_checkpoint(destination, meta, ckpt.state_dict, half=True)

@@ -23,7 +23,7 @@ import json
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,7 @@ def export_onnx(
             weights,
             meta.inference["tta"],
         )
-        meta = CheckpointMeta(**{**meta.__dict__, "inference": {k: v for k, v in meta.inference.items() if k != "tta"}})
+        meta = replace(meta, inference={k: v for k, v in meta.inference.items() if k != "tta"})
     if meta is not None and meta.arch in IMPORTED_ARCHS:
         raise WeightsError(
             f"{weights} is a converted {meta.arch} model, which export-model does not support (its Detectron2 mask pasting and "
