@@ -15,7 +15,9 @@ pipeline (``geomask.pipeline.detect_tiles``) and are merged by
 Measured in pixel space against the label raster:
 
 * **fused**: outputs that cover at least half of each of two or more truth objects (distinct
-  neighbours merged into one);
+  neighbours merged into one); **fused by the merge**: those of them where no single per-tile instance
+  already covers half of two of the same objects (of the parts its tile sees) — the detector did not
+  fuse them, the merge did;
 * **holes**: holes of an output (background components enclosed by its mask) lying mostly inside the
   truth object it covers — holes no object has;
 * **small IoU**: mean IoU of the outputs matched to truth objects under ``SMALL_PX`` (erosion shows here);
@@ -130,16 +132,43 @@ def input_holes(instances: Sequence[Instance], shape: tuple[int, int]) -> npt.ND
     return out
 
 
+def fused_in_a_tile(covered: npt.NDArray[np.int64], instances: Sequence[Instance], tiles: Sequence[Tile], labels: LabelArray) -> bool:
+    """Return whether one per-tile instance already covers half of two of ``covered``'s objects.
+
+    "Half" counts the part of each object inside that tile's read window: the detector itself reported
+    the two as one there, so the output's fusion is inherited, not made by the merge.
+    """
+    for inst in instances:
+        under = labels[inst.row_off : inst.row_off + inst.height, inst.col_off : inst.col_off + inst.width]
+        ids = np.bincount(under[inst.mask], minlength=int(covered.max()) + 1)[covered]
+        if np.count_nonzero(ids) < 2:
+            continue
+        w = tiles[inst.tile_id].read
+        seen = labels[int(w.row_off) : int(w.row_off + w.height), int(w.col_off) : int(w.col_off + w.width)]
+        visible = np.bincount(seen.ravel(), minlength=int(covered.max()) + 1)[covered]
+        if np.count_nonzero((ids > 0) & (ids * 2 >= visible)) >= 2:
+            return True
+    return False
+
+
 def defects(
-    merged: list[Instance], labels: LabelArray, truth_areas: npt.NDArray[np.int64], detector_holes: npt.NDArray[np.bool_]
+    merged: list[Instance],
+    labels: LabelArray,
+    truth_areas: npt.NDArray[np.int64],
+    detector_holes: npt.NDArray[np.bool_],
+    instances: Sequence[Instance],
+    tiles: Sequence[Tile],
 ) -> dict[str, int]:
-    """Count fused neighbours and spurious holes (inside an object, in no input mask) of merged instances."""
-    fused = holes = 0
+    """Count fused neighbours (all, and those no single tile's instance had) and spurious holes (inside an
+    object, in no input mask) of merged instances."""
+    fused = by_merge = holes = 0
     for inst in merged:
         under = labels[inst.row_off : inst.row_off + inst.height, inst.col_off : inst.col_off + inst.width]
         ids = np.bincount(under[inst.mask], minlength=len(truth_areas))
         covered = np.flatnonzero((ids[1:] > 0) & (ids[1:] * 2 >= truth_areas[1:])) + 1
-        fused += int(covered.size >= 2)
+        if covered.size >= 2:
+            fused += 1
+            by_merge += int(not fused_in_a_tile(covered, instances, tiles, labels))
         main = int(ids[1:].argmax()) + 1 if ids[1:].any() else 0
         enclosed = ndimage.binary_fill_holes(inst.mask) & ~inst.mask
         if main and enclosed.any():
@@ -148,7 +177,7 @@ def defects(
             inside = ndimage.sum((under == main) & ~had, lab, range(1, n + 1))
             size = ndimage.sum(enclosed, lab, range(1, n + 1))
             holes += int(np.count_nonzero(inside * 2 > size))
-    return {"fused": fused, "holes": holes}
+    return {"fused": fused, "fused_by_merge": by_merge, "holes": holes}
 
 
 def small_iou(merged: list[Instance], labels: LabelArray, truth_areas: npt.NDArray[np.int64]) -> float:
@@ -198,14 +227,19 @@ def main() -> None:
                     pred = Objects.of([mask_to_pixel_polygons(m) for m in merged], [m.score for m in merged])
                     ev = evaluate(pred, truth, compute_ap=False).overall
                     row = {"tile_px": tile, "overlap_px": overlap, "oracle": oracle, "merge": name, "f1": ev.f1}
-                    row |= defects(merged, labels, truth_areas, had) | {"small_iou": small_iou(merged, labels, truth_areas)}
+                    row |= defects(merged, labels, truth_areas, had, instances, plan.tiles) | {
+                        "small_iou": small_iou(merged, labels, truth_areas)
+                    }
                     row |= {"duplicates": ev.duplicates, "splits": ev.splits}
                     rows.append(row)
                     log.info("%s", row)
-    table = ["| tile / overlap | oracle | merge | F1 | fused | holes | small IoU | dup | split |", "|---|---|---|--:|--:|--:|--:|--:|--:|"]
+    table = [
+        "| tile / overlap | oracle | merge | F1 | fused | fused by the merge | holes | small IoU | dup | split |",
+        "|---|---|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
     for r in rows:
         table.append(
-            f"| {r['tile_px']} / {r['overlap_px']} | {r['oracle']} | {r['merge']} | {r['f1']:.4f} | {r['fused']} | {r['holes']} | "
+            f"| {r['tile_px']} / {r['overlap_px']} | {r['oracle']} | {r['merge']} | {r['f1']:.4f} | {r['fused']} | {r['fused_by_merge']} | {r['holes']} | "
             f"{r['small_iou']:.3f} | {r['duplicates']} | {r['splits']} |"
         )
     head = (

@@ -85,7 +85,8 @@ def polygons(path: Path, source: str | None = None) -> list[tuple[object, ...]]:
     import pyogrio
     import shapely
 
-    frame = pyogrio.read_dataframe(path)
+    layer = "instances" if Path(path).suffix.lower() == ".gpkg" else None  # geomask's layer beside its QGIS style
+    frame = pyogrio.read_dataframe(path, layer=layer)
     if source is not None:
         frame = frame[frame["source"] == source]
     geoms = shapely.to_wkb(shapely.normalize(frame.geometry.values), hex=True)

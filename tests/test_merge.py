@@ -197,3 +197,52 @@ def test_fusion_fills_a_seam_hole_no_tile_saw_and_keeps_a_courtyard() -> None:
     insts = [i for i in insts if i is not t0] + [Instance(t0.row_off, t0.col_off, notched, t0.score, 0, 0)]
     merged = merge_across_tiles(insts, tiles)
     assert as_label_sets(merged, labels.shape) == truth_sets(labels)
+
+
+def test_fusion_fills_a_thin_slit_where_cores_meet_and_keeps_a_small_hole_inside_one_core() -> None:
+    tiles = plan_tiles(200, 200, 110, 20)  # 2 x 2 tiles, cores meet at row 100 and column 100
+    labels = np.zeros((200, 200), dtype=np.int32)
+    labels[40:160, 40:160] = 1
+    labels[130:133, 130:133] = 0  # a small real hole, inside tile 3's core: every tile that sees it has it
+    insts = clip_to_tiles(labels, tiles)
+    # Tiles 0 and 1 each miss a 3-px slot running from their read edge to just past the core boundary:
+    # alone, each is a notch open to its tile's edge; fused, they leave a 3 x 5 slit no member covers.
+    notched = []
+    for inst in insts:
+        mask = inst.mask.copy()
+        if inst.tile_id == 0:
+            mask[80 - inst.row_off : 83 - inst.row_off, 98 - inst.col_off :] = False
+        elif inst.tile_id == 1:
+            mask[80 - inst.row_off : 83 - inst.row_off, : 103 - inst.col_off] = False
+        notched.append(Instance(inst.row_off, inst.col_off, mask, inst.score, 0, inst.tile_id))
+    (merged,) = merge_across_tiles(notched, tiles)
+    canvas = np.zeros(labels.shape, dtype=bool)
+    canvas[merged.row_off : merged.row_off + merged.height, merged.col_off : merged.col_off + merged.width] = merged.mask
+    assert canvas[80:83, 98:103].all()  # the slit is filled
+    assert not canvas[130:133, 130:133].any()  # the real hole stays
+    assert (canvas == (labels == 1)).all()
+
+
+def test_a_jittered_sliver_link_does_not_outrank_a_neighbours_own_fragment() -> None:
+    """House A ends one column before the zone tiles 0 and 1 share; B touches it there.
+
+    Tile 0's outline of A spills one column into B (inside the shared zone): that sliver lies wholly
+    under tile 1's B, IoS 1 on 40 px. Tile 0's own fragment of B overlaps tile 1's B on about 800 px at
+    IoS 0.95. Tile 0 says A and its B fragment are neighbours, so only one link can be taken: the one
+    with the evidence (B with B), not the one with the higher IoS.
+    """
+    tiles = plan_tiles(200, 100, 110, 20)  # 1 x 2 tiles (width, height); both read columns 90-109
+    assert len(tiles) == 2 and int(tiles[1].read.col_off) == 90
+    rows = slice(40, 80)
+
+    def inst(c0: int, c1: int, tile: int, score: float, drop_top: int = 0) -> Instance:
+        mask = np.ones((rows.stop - rows.start, c1 - c0), dtype=bool)
+        mask[:drop_top, 1 : 110 - c0] = False  # the short edge: columns 91-109 of the shared zone
+        return Instance(rows.start, c0, mask, score, 0, tile)
+
+    a0 = inst(40, 91, 0, 0.99)  # A is columns 40-89; the jittered outline reaches column 90
+    b0 = inst(91, 110, 0, 0.6)  # tile 0's fragment of B (its read window ends at 110)
+    b1 = inst(90, 160, 1, 0.95, drop_top=2)  # tile 1's B, its top edge 2 px short in the shared zone
+    groups = group_border_instances([a0, b0, b1], tiles, 0.5)
+    assert ios_in_shared_zone(a0, b1, tiles[0], tiles[1]) == 1.0
+    assert groups == [[0], [1, 2]]
