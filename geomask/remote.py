@@ -38,12 +38,15 @@ from urllib.parse import urlsplit
 
 import rasterio.session
 
-from geomask.errors import RasterReadError, first_line, quiet_logger
+from geomask.errors import ExportError, RasterReadError, first_line, quiet_logger
 
 log = logging.getLogger(__name__)
 
 S3_SCHEME = "s3://"
 HTTP_SCHEMES = ("http://", "https://")
+# Files of at least twice this size are uploaded in parts (an S3 multipart upload): the object appears
+# only when the last part is in and the upload is completed; a failed upload is aborted and leaves none.
+UPLOAD_PART_BYTES = 50 * 2**20
 #: GDAL options set when the user has not: transient errors (HTTP 429/5xx) are retried with a growing
 #: delay; opening a file does not list its folder (a bucket prefix can hold millions of keys); a
 #: connection that does not open within 10 s is an error, not a five-minute hang.
@@ -245,6 +248,38 @@ def read_text(spec: str, environ: Mapping[str, str] | None = None) -> str:
         raise RasterReadError(explain_open_error(gdal_path(spec), first_line(err, with_type=True), env)) from None
 
 
+def s3_exists(url: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Return whether an ``s3://`` object exists; an unreachable endpoint or a refused credential is one line."""
+    env = os.environ if environ is None else environ
+    try:
+        return bool(_s3fs(env).exists(_s3_key(url)))
+    except (OSError, ValueError) as err:
+        raise ExportError(explain_write_error(url, first_line(err, with_type=True), env)) from None
+
+
+def check_s3_bucket(url: str, environ: Mapping[str, str] | None = None) -> None:
+    """Fail in one line, before any work, when the bucket of ``url`` cannot be reached, does not exist, or refuses us."""
+    env = os.environ if environ is None else environ
+    bucket = _s3_key(url).split("/", 1)[0]
+    try:
+        _s3fs(env).ls(bucket, detail=False)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"cannot write {url}: {explain_write_error(S3_SCHEME + bucket, first_line(err, with_type=True), env)}") from None
+
+
+def upload_file(local: str | os.PathLike[str], url: str, environ: Mapping[str, str] | None = None) -> None:
+    """Upload one finished file to ``s3://`` whole: one PUT, or a multipart upload completed only at the end.
+
+    Either way S3 shows readers the old object, or none, until the new one is complete; a failed
+    multipart upload is aborted (s3fs), so no part of it stays behind or becomes visible.
+    """
+    env = os.environ if environ is None else environ
+    try:
+        _s3fs(env).put_file(os.fspath(local), _s3_key(url), chunksize=UPLOAD_PART_BYTES)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"uploading {url} failed: {explain_write_error(url, first_line(err, with_type=True), env)}") from None
+
+
 def identity(spec: str, environ: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Return what identifies a remote object's content for the run folder: ``{"size", "etag"}`` (no mtime: a copy keeps neither).
 
@@ -305,13 +340,25 @@ def explain_open_error(
     is probed first (one TCP connection). The message never holds a credential: only the URL, the
     endpoint's host and the server's own error text. ``expected`` names what the file should be.
     """
-    env = os.environ if environ is None else environ
+    known = _known_cause(path, message, os.environ if environ is None else environ, "read")
+    url = url_of(path)
+    return known or f"{url} cannot be read ({message}); check that it is {expected} and that the server honours Range requests"
+
+
+def explain_write_error(url: str, message: str, environ: Mapping[str, str] | None = None) -> str:
+    """As :func:`explain_open_error`, for writing ``url``."""
+    known = _known_cause(gdal_path(url), message, os.environ if environ is None else environ, "write to")
+    return known or f"cannot write {url_of(url)} ({message}); check the bucket's permissions and the endpoint"
+
+
+def _known_cause(path: str, message: str, env: Mapping[str, str], verb: str) -> str | None:
+    """One line for an unreachable endpoint, refused credentials or a missing object; ``None`` otherwise."""
     url = url_of(path)
     s3 = url.startswith(S3_SCHEME)
     where = _endpoint(path, env)
     if where is not None and (reason := _unreachable(*where)) is not None:
         fix = "check AWS_ENDPOINT_URL (or AWS_S3_ENDPOINT) and the network" if s3 else "check the URL and the network"
-        return f"cannot reach {where[0]}:{where[1]} to read {url} ({reason}); {fix}"
+        return f"cannot reach {where[0]}:{where[1]} to {verb} {url} ({reason}); {fix}"
     low = message.lower()
     if any(word in low for word in _CREDENTIALS_REFUSED):
         fix = (
@@ -323,4 +370,4 @@ def explain_open_error(
     if any(word in low for word in _MISSING):
         fix = "check the bucket and key (`aws s3 ls` the prefix)" if s3 else "check the URL"
         return f"{url} does not exist ({message}); {fix}"
-    return f"{url} cannot be read ({message}); check that it is {expected} and that the server honours Range requests"
+    return None

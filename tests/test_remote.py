@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import moto.server as moto_server
@@ -512,11 +513,87 @@ def test_a_missing_http_file_is_one_line_and_exit_2(web: HTTP, reference: tuple[
     assert "nothing.tif does not exist" in result.stderr
 
 
-def test_remote_outputs_are_refused_in_one_line(s3_env: S3, reference: tuple[Path, list[tuple[object, ...]]], tmp_path: Path) -> None:
-    config, _ = reference
+def test_an_s3_output_is_uploaded_whole_with_its_sidecars(
+    s3_env: S3, reference: tuple[Path, list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    """``-o s3://…``: written locally, then uploaded with its sidecars; an existing object needs --overwrite."""
+    config, expected = reference
+    client: Any = s3_env.client()
+    args = [f"s3://{BUCKET}/a/scene.tif", "-o", f"s3://{BUCKET}/results/site.gpkg", "-c", config, "--serial"]
+    _predict(*args)
+    keys = sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="results/")["Contents"])
+    assert keys == ["results/site.gpkg", "results/site.gpkg.config.yaml", "results/site.gpkg.report.html"]
+    client.download_file(BUCKET, "results/site.gpkg", str(tmp_path / "back.gpkg"))
+    assert polygons(tmp_path / "back.gpkg") == expected
+    sidecars = b"".join(client.get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys[1:])
+    assert s3_env.secret.encode() not in sidecars and s3_env.key_id.encode() not in sidecars
+    etag = client.head_object(Bucket=BUCKET, Key="results/site.gpkg")["ETag"]
+
     with pytest.raises(SystemExit) as exit_:
-        main(["predict", f"s3://{BUCKET}/a/scene.tif", "-o", f"s3://{BUCKET}/out.gpkg", "-c", str(config), "--serial"])
+        main(["predict", *map(str, args), "--no-preview"])
     assert exit_.value.code == 2
+    assert client.head_object(Bucket=BUCKET, Key="results/site.gpkg")["ETag"] == etag  # untouched
+    _predict(*args, "--overwrite")
+
+    _predict(f"s3://{BUCKET}/a/*.tif", "-o", f"s3://{BUCKET}/per-input/", "-c", config, "--serial")  # a folder: one file per input
+    listed = {o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="per-input/")["Contents"]}
+    assert {"per-input/copy.gpkg", "per-input/scene.gpkg"} <= listed
+
+
+@pytest.mark.parametrize(
+    ("output", "needle"),
+    [
+        ("https://example.org/out.gpkg", "only s3:// outputs can be uploaded"),
+        ("s3://no-such-bucket/out.gpkg", "s3://no-such-bucket does not exist"),
+    ],
+)
+def test_unwritable_remote_outputs_are_one_line_and_exit_2(
+    output: str, needle: str, s3: S3, reference: tuple[Path, list[tuple[object, ...]]], tmp_path: Path
+) -> None:
+    config, _ = reference
+    env = {**_clean_env(tmp_path), **s3.environ()}
+    result = _geomask(["predict", f"s3://{BUCKET}/a/scene.tif", "-o", output, "-c", str(config), "--serial"], env, tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert needle in lines[0] and "loading the model" not in result.stderr  # refused before any work
+
+
+class FailingPart(FlakyProxy):
+    """Forwards everything but part 2 of a multipart upload, which it refuses (a connection that dies mid-upload)."""
+
+    def _forward(self) -> None:
+        if "partNumber=2" in self.path:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(403)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super()._forward()
+
+    do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = _forward
+
+
+def test_a_multipart_upload_appears_only_when_whole_and_a_failed_one_leaves_the_old_object(
+    s3_env: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(remote, "UPLOAD_PART_BYTES", 5 * 2**20)  # S3's smallest part: a 12 MiB file goes in parts
+    client: Any = s3_env.client()
+    big = tmp_path / "big.gpkg"
+    big.write_bytes(np.random.default_rng(0).integers(0, 256, 12 * 2**20, dtype=np.uint8).tobytes())
+    remote.upload_file(big, f"s3://{BUCKET}/mpu/big.gpkg")
+    head = client.head_object(Bucket=BUCKET, Key="mpu/big.gpkg")
+    assert head["ContentLength"] == big.stat().st_size and head["ETag"].strip('"').endswith("-3")  # 3 parts, completed
+
+    host, port = s3_env.endpoint.removeprefix("http://").split(":")
+    handler = type("Proxy", (FailingPart,), {"upstream": (host, int(port)), "fail": 0, "failed": 0})
+    for proxy in _serve(handler):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+        new = tmp_path / "new.gpkg"
+        new.write_bytes(b"\1" * (12 * 2**20))
+        with pytest.raises(GeomaskError, match=r"uploading s3://geomask-test/mpu/big\.gpkg failed"):
+            remote.upload_file(new, f"s3://{BUCKET}/mpu/big.gpkg")
+    assert client.head_object(Bucket=BUCKET, Key="mpu/big.gpkg")["ETag"] == head["ETag"]  # readers still see the old object
+    assert not client.list_multipart_uploads(Bucket=BUCKET).get("Uploads")  # the failed upload was aborted, no parts left
 
 
 def test_evaluate_tiles_from_s3_plans_the_same_tiles(

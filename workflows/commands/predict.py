@@ -11,9 +11,13 @@ on (the local one could not start, or no worker joined ``--scheduler``'s; nothin
 from __future__ import annotations
 
 import logging
+import posixpath
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -26,6 +30,9 @@ from geomask.remote import gdal_path, is_remote
 from workflows.commands.options import config_option, device_option, overwrite_option, resolve_cli_config
 from workflows.exits import EXIT_FAILURES
 from workflows.inputs import OutputLayout, expand_inputs, plan_outputs
+
+if TYPE_CHECKING:
+    from workflows.upload import RemoteOutput
 
 log = logging.getLogger("geomask")
 
@@ -138,7 +145,49 @@ def predict(
         from workflows.store import recorded_outputs  # imports Dask: not for --serial
 
         owned = recorded_outputs(Path(run_dir))
+    staged = _stage_remote(output)  # -o s3://...: written locally, uploaded whole at the end
+    with _uploading(staged):
+        _predict_into(
+            staged.local if staged else output,
+            staged,
+            paths,
+            cfg,
+            fmt,
+            overwrite,
+            owned,
+            serial,
+            run_dir,
+            fresh,
+            accept_repaired,
+            scheduler,
+            cluster_file,
+            workers,
+            progress_every,
+            with_preview,
+        )
+
+
+def _predict_into(
+    output: str,
+    staged: RemoteOutput | None,
+    paths: list[Path],
+    cfg: Config,
+    fmt: str,
+    overwrite: bool,
+    owned: frozenset[Path],
+    serial: bool,
+    run_dir: str | None,
+    fresh: bool,
+    accept_repaired: bool,
+    scheduler: str | None,
+    cluster_file: str | None,
+    workers: int | None,
+    progress_every: float,
+    with_preview: bool,
+) -> None:
     layout = plan_outputs(output, paths, fmt, cfg.export.layer, overwrite, owned)
+    if staged is not None:
+        staged.check(layout.paths, overwrite)
     if serial:
         if scheduler or cluster_file or workers or run_dir or fresh or accept_repaired:
             raise click.UsageError(
@@ -168,6 +217,38 @@ def predict(
             sys.exit(EXIT_FAILURES)
         return
     _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, with_preview, accept_repaired)
+
+
+def _stage_remote(output: str) -> RemoteOutput | None:
+    if not is_remote(output):
+        return None
+    from workflows.upload import stage
+
+    return stage(output)
+
+
+@contextmanager
+def _uploading(staged: RemoteOutput | None) -> Iterator[None]:
+    """Upload the staged outputs when the job has written them: on success, or with failed tiles (exit 3) as
+    a local run keeps them; never after a crash, an interrupt or a lost cluster. The staging folder goes."""
+    if staged is None:
+        yield
+        return
+    try:
+        yield
+    except SystemExit as exit_:
+        if exit_.code == EXIT_FAILURES:
+            _upload(staged)
+        raise
+    else:
+        _upload(staged)
+    finally:
+        staged.discard()
+
+
+def _upload(staged: RemoteOutput) -> None:
+    urls = staged.upload()
+    click.echo(f"uploaded {len(urls)} file(s) to {staged.url}: {', '.join(posixpath.basename(u) for u in urls)}")
 
 
 def _report(
