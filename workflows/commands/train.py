@@ -110,6 +110,11 @@ def _check_output(output: Path, replace: bool) -> None:
 @click.option("--noise", type=float, help="Largest std of added Gaussian noise, in normalised pixel units (e.g. 0.03).")
 @click.option("--jpeg", type=float, help="Probability per chip of a JPEG round trip at quality 30-90.")
 @click.option(
+    "--hard-negatives",
+    type=float,
+    help="Probability per chip of a chip centred where the model reported an object no label has (mined every 50 iterations).",
+)
+@click.option(
     "--inference-defaults",
     "inference_path",
     type=click.Path(dir_okay=False, exists=True),

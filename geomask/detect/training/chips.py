@@ -1,7 +1,8 @@
 """Training chips: rasters opened once, chips read with :class:`geomask.raster.RasterReader`, labels burned per chip.
 
-How a chip is made: a centre is drawn (near a label with probability ``positive_fraction``, else
-anywhere, so background is learnt too), a window of ``chip_size_px × scale`` working-grid pixels
+How a chip is made: a centre is drawn (near a mined false positive with probability ``hard_negatives``
+once some are mined, else near a label with probability ``positive_fraction``, else anywhere, so
+background is learnt too), a window of ``chip_size_px × scale`` working-grid pixels
 around it is read from the source with resampling straight to ``chip_size_px`` (one windowed read on
 a *chip grid*: the working grid coarsened by ``scale``), and labels are burned with that chip's own
 affine transform. Scale jitter is therefore a different window size, never a second resampling.
@@ -32,6 +33,16 @@ from geomask.raster import Grid, NormStats, RasterInfo, RasterReader, inspect_ra
 log = logging.getLogger(__name__)
 
 BoolArray = npt.NDArray[np.bool_]
+HARD_POOL = 256  # mined hard-negative spots kept (the newest: the model's current mistakes)
+
+
+@dataclass(frozen=True)
+class Spot:
+    """A place in a training raster: raster index and working-grid ``(row, col)``."""
+
+    raster: int
+    row: float
+    col: float
 
 
 @dataclass
@@ -93,13 +104,13 @@ class ChipReader:
     def close(self) -> None:
         """Release resources (each read opens and closes its raster; kept for callers that close)."""
 
-    def read(self, k: int, row: float, col: float, scale: float = 1.0) -> Chip:
-        """Read the chip of raster ``k`` whose top-left is working-grid ``(row, col)``, ``scale`` pixels per chip pixel.
+    def place(self, k: int, row: float, col: float, scale: float = 1.0) -> tuple[float, float, float, float, int, int]:
+        """Return where :meth:`read` puts a chip: ``(row, col, fy, fx, out_h, out_w)``.
 
-        The window is clamped inside the raster; a raster smaller than a chip gives a zero-padded chip.
+        The top-left working-grid pixel (clamped inside the raster), the working pixels per chip pixel
+        down and across, and the chip's size before padding.
         """
-        r = self.rasters[k]
-        grid = r.grid
+        grid = self.rasters[k].grid
         span_h = min(self.size * scale, grid.height)
         span_w = min(self.size * scale, grid.width)
         row = float(np.clip(row, 0, grid.height - span_h))
@@ -110,6 +121,16 @@ class ChipReader:
         if fx == 1.0 and fy == 1.0 and not grid.resampled:
             # An unresampled read takes whole source pixels: place the chip on them.
             row, col = float(round(row)), float(round(col))
+        return row, col, fy, fx, out_h, out_w
+
+    def read(self, k: int, row: float, col: float, scale: float = 1.0) -> Chip:
+        """Read the chip of raster ``k`` whose top-left is working-grid ``(row, col)``, ``scale`` pixels per chip pixel.
+
+        The window is clamped inside the raster; a raster smaller than a chip gives a zero-padded chip.
+        """
+        r = self.rasters[k]
+        grid = r.grid
+        row, col, fy, fx, out_h, out_w = self.place(k, row, col, scale)
         chip_grid = dataclasses.replace(
             grid,
             transform=grid.transform @ Affine.scale(fx, fy),
@@ -148,6 +169,18 @@ class ChipSampler:
         self._area_p = areas / areas.sum()
         counts = np.asarray([len(r.centers) for r in reader.rasters], dtype=np.float64)
         self._label_p = counts / counts.sum() if counts.sum() > 0 else None
+        self.hard: list[Spot] = []  # where the model reported objects no label has (hard negatives), newest last
+
+    def add_hard_negatives(self, spots: Sequence[Spot]) -> None:
+        """Add mined false-positive spots; the newest :data:`HARD_POOL` are kept."""
+        self.hard = [*self.hard, *spots][-HARD_POOL:]
+
+    def background_window(self) -> tuple[int, float, float]:
+        """Draw a chip's top-left ``(raster, row, col)`` anywhere (scale 1), as background chips are drawn."""
+        k = int(self.rng.choice(len(self._area_p), p=self._area_p))
+        g = self.reader.rasters[k].grid
+        span = self.settings.chip_size_px
+        return k, float(self.rng.uniform(0, max(0.0, g.height - span))), float(self.rng.uniform(0, max(0.0, g.width - span)))
 
     def sample(self) -> Chip:
         """Draw one augmented chip (retrying a few times to avoid mostly-nodata chips).
@@ -174,6 +207,10 @@ class ChipSampler:
         lo, hi = s.scale_jitter
         scale = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         span = s.chip_size_px * scale
+        if positive is None and s.hard_negatives > 0 and self.hard and rng.random() < s.hard_negatives:
+            # A chip around a spot where the model saw an object that no label has, seen anywhere in it.
+            spot = self.hard[int(rng.integers(len(self.hard)))]
+            return self.reader.read(spot.raster, spot.row - span * rng.uniform(0.1, 0.9), spot.col - span * rng.uniform(0.1, 0.9), scale)
         if positive is None:
             positive = bool(rng.random() < s.positive_fraction)
         if positive and self._label_p is not None:

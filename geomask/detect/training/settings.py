@@ -69,6 +69,10 @@ class TrainSettings(BaseModel):
         noise: Largest standard deviation of added Gaussian noise, in normalised pixel units (0..1).
         jpeg: Probability per chip of a JPEG round trip at quality 30–90: the blocky artefacts of
             compressed orthophotos and web tiles.
+        hard_negatives: Probability per chip of a chip centred near a mined false positive: a place where
+            the model being trained reported an object no label has (:mod:`geomask.detect.training.hard_negatives`).
+        hard_negative_every: Iterations between mining passes (from the end of the warm-up).
+        hard_negative_windows: Background windows read per mining pass.
         inference: Inference defaults written into every checkpoint of the run (keys of
             :data:`geomask.detect.checkpoint.INFERENCE_KEYS`), so ``--weights`` alone gives the card's
             settings; a config still overrides each.
@@ -112,6 +116,9 @@ class TrainSettings(BaseModel):
     blur: float = Field(0.0, ge=0.0, le=1.0, description="a probability per chip")
     noise: float = Field(0.0, ge=0.0, le=0.5, description="a standard deviation in normalised pixel units")
     jpeg: float = Field(0.0, ge=0.0, le=1.0, description="a probability per chip")
+    hard_negatives: float = Field(0.0, ge=0.0, le=1.0, description="a probability per chip")
+    hard_negative_every: int = Field(50, ge=1)
+    hard_negative_windows: int = Field(16, ge=1)
     inference: dict[str, Any] = Field(default_factory=dict)
 
     def __init__(self, **values: Any) -> None:

@@ -33,6 +33,7 @@ from geomask.detect.checkpoint import CheckpointMeta, check_inference, load_chec
 from geomask.detect.maskrcnn import MaskRCNNDetector, resolve_device
 from geomask.detect.training.augment import Chip
 from geomask.detect.training.chips import ChipReader, ChipSampler, TrainRaster, chip_target, open_rasters, validation_chips
+from geomask.detect.training.hard_negatives import false_positives
 from geomask.detect.training.settings import NORMALIZE, TrainSettings
 from geomask.detect.training.validation import evaluate_chips
 from geomask.detect.training.weights import Ema, init_weights
@@ -305,6 +306,8 @@ class Trainer:
             if not math.isfinite(value):
                 raise ConfigError(f"training loss became {value} at iteration {it}; lower --lr or disable amp")
             window.append(value)
+            if s.hard_negatives > 0 and it >= s.warmup_iters and it % s.hard_negative_every == 0:
+                self.mine(sampler, reader)
             now = time.perf_counter()
             seconds = self.elapsed0 + now - t_start
             if it % s.log_every == 0 or it == s.iterations:
@@ -329,6 +332,15 @@ class Trainer:
                 break
         seconds = self.elapsed0 + time.perf_counter() - t_start
         return TrainResult(self.output, self.iteration, seconds, self.best_metrics, self.history)
+
+    def mine(self, sampler: ChipSampler, reader: ChipReader) -> None:
+        """Find where the model reports objects no label has, and let the sampler centre chips there."""
+        s = self.settings
+        windows = [sampler.background_window() for _ in range(s.hard_negative_windows)]
+        spots = false_positives(self.model, reader, windows, s.val_score_threshold, self.device, self._autocast)
+        sampler.add_hard_negatives(spots)
+        self._write_log({"iteration": self.iteration, "hard_negatives_found": len(spots), "hard_negative_pool": len(sampler.hard)})
+        log.info("mined %d false positives in %d windows (pool %d)", len(spots), len(windows), len(sampler.hard))
 
     def _write_log(self, record: dict[str, Any]) -> None:
         # One JSON line per record beside the output, for plots; appended, so a resumed run continues it.
