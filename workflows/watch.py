@@ -8,6 +8,7 @@ task keys per worker (``client.processing()``) or saying that no worker is conne
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Any, cast
@@ -54,7 +55,7 @@ class ClusterWatch:
         """A finished future's result, fetched within the stall timeout: a worker frozen since it finished the task
         holds the result there, and an unbounded fetch would wait for it forever. Cancellation propagates."""
         try:
-            return fut.result(timeout=None if self.stall_s == float("inf") else self.stall_s)
+            return fut.result(timeout=_bounded(self.stall_s))
         except TimeoutError:
             self.check_client()
             raise self.stalled(f"the result of task {fut.key} could not be fetched within {self.stall_s:.0f} s") from None
@@ -62,7 +63,7 @@ class ClusterWatch:
     def result(self, fut: Future[Any], what: str) -> Any:
         """Wait for one early future (describe, plan) with the same watchdog as the main loop."""
         try:
-            cast(Any, wait)([fut], timeout=None if self.stall_s == float("inf") else self.setup_stall_s)
+            cast(Any, wait)([fut], timeout=_bounded(self.setup_stall_s))
             return fut.result()
         except CancelledError:
             self.check_client()
@@ -90,3 +91,8 @@ class ClusterWatch:
             where = "stuck tasks: " + ("; ".join(stuck) if stuck else "none running (waiting for resources?)")
             where += "; check or restart those workers (a frozen or overloaded node), or raise --stall-timeout"
         return Stalled(f"stalled: {head}; {where}; {self.kept}")
+
+
+def _bounded(seconds: float) -> float | None:
+    """A timeout for Dask's waits: ``None`` (wait forever) when the watchdog is off (infinite)."""
+    return None if math.isinf(seconds) else seconds
