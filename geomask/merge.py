@@ -289,8 +289,9 @@ def fill_seam_holes(
     Two notches side by side, one in each tile's outline on either side of the line where their cores
     meet, leave a slit that no member covers either. With ``owner`` (the member tile whose core holds
     each pixel, -1 for none) a hole is also filled when it is thin — no pixel of it farther than
-    :data:`NEIGHBOUR_GAP_PX` from the mask, the outline noise the merge allows elsewhere — and touches
-    two different cores. A courtyard is wider than that, and one inside a single core is never touched.
+    :data:`NEIGHBOUR_GAP_PX` from the mask (a slit up to 4 px across), the outline noise the merge allows
+    elsewhere — and touches the cores of two different members. A courtyard is wider, and one inside a
+    single core, or between one member's core and pixels no member's core holds, is never touched.
     """
     holes = ndimage.binary_fill_holes(mask) & ~mask
     if not holes.any():
@@ -306,7 +307,8 @@ def fill_seam_holes(
             # One pixel around the hole's box (a hole never touches the canvas edge: the mask encloses it).
             near = (slice(rows.start - 1, rows.stop + 1), slice(cols.start - 1, cols.stop + 1))
             ring = ndimage.binary_dilation(lab[near] == k + 1, structure=np.ones((3, 3), dtype=bool)) & mask[near]
-            fill[k] = np.unique(owner[near][ring]).size >= 2
+            cores = np.unique(owner[near][ring])
+            fill[k] = np.count_nonzero(cores >= 0) >= 2  # two member cores meet there (-1: no member's core)
     if not fill.any():
         return mask
     return mask | np.isin(lab, np.flatnonzero(fill) + 1)

@@ -74,6 +74,7 @@ _CREDENTIALS_REFUSED = (
     "security token",
     "response code: 403",
     "response code: 401",
+    "unable to locate credentials",  # botocore's NoCredentialsError
 )
 _MISSING = ("does not exist", "nosuchkey", "nosuchbucket", "not found", "response code: 404")
 _derived: dict[str, str] = {}  # what configure_gdal put into os.environ, so that the next call can take it back
@@ -202,6 +203,14 @@ def forwarded_environ(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIXES) or k in FORWARDED_NAMES}
 
 
+try:  # botocore comes with s3fs; its own errors (no credentials, endpoint unreachable) are not OSErrors
+    from botocore.exceptions import BotoCoreError
+
+    _S3_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, BotoCoreError)
+except ImportError:  # pragma: no cover - without s3fs nothing below reaches botocore
+    _S3_ERRORS = (OSError, ValueError)
+
+
 def _s3fs(environ: Mapping[str, str]) -> Any:
     try:
         import s3fs
@@ -230,7 +239,7 @@ def glob_s3(pattern: str, environ: Mapping[str, str] | None = None) -> list[str]
     fs = _s3fs(env)
     try:
         found = fs.glob(_s3_key(pattern), detail=True)
-    except (OSError, ValueError) as err:
+    except _S3_ERRORS as err:
         raise RasterReadError(explain_open_error(gdal_path(pattern), first_line(err, with_type=True), env)) from None
     return sorted(S3_SCHEME + key for key, meta in found.items() if meta.get("type") == "file")
 
@@ -244,7 +253,7 @@ def read_text(spec: str, environ: Mapping[str, str] | None = None) -> str:
             return str(_s3fs(env).cat_file(_s3_key(url)).decode())
         with urllib.request.urlopen(url, timeout=30) as response:
             return str(response.read().decode())
-    except (OSError, ValueError) as err:
+    except _S3_ERRORS as err:
         raise RasterReadError(explain_open_error(gdal_path(spec), first_line(err, with_type=True), env)) from None
 
 
@@ -253,7 +262,7 @@ def s3_exists(url: str, environ: Mapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     try:
         return bool(_s3fs(env).exists(_s3_key(url)))
-    except (OSError, ValueError) as err:
+    except _S3_ERRORS as err:
         raise ExportError(explain_write_error(url, first_line(err, with_type=True), env)) from None
 
 
@@ -261,10 +270,10 @@ def check_s3_bucket(url: str, environ: Mapping[str, str] | None = None) -> None:
     """Fail in one line, before any work, when the bucket of ``url`` cannot be reached, does not exist, or refuses us."""
     env = os.environ if environ is None else environ
     bucket = _s3_key(url).split("/", 1)[0]
-    try:
-        _s3fs(env).ls(bucket, detail=False)
-    except (OSError, ValueError) as err:
-        raise ExportError(f"cannot write {url}: {explain_write_error(S3_SCHEME + bucket, first_line(err, with_type=True), env)}") from None
+    try:  # one key at most: a probe, not a listing of the bucket
+        _s3fs(env).call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+    except _S3_ERRORS as err:
+        raise ExportError(f"-o {url}: {explain_write_error(S3_SCHEME + bucket, first_line(err, with_type=True), env)}") from None
 
 
 def upload_file(local: str | os.PathLike[str], url: str, environ: Mapping[str, str] | None = None) -> None:
@@ -276,7 +285,7 @@ def upload_file(local: str | os.PathLike[str], url: str, environ: Mapping[str, s
     env = os.environ if environ is None else environ
     try:
         _s3fs(env).put_file(os.fspath(local), _s3_key(url), chunksize=UPLOAD_PART_BYTES)
-    except (OSError, ValueError) as err:
+    except _S3_ERRORS as err:
         raise ExportError(f"uploading {url} failed: {explain_write_error(url, first_line(err, with_type=True), env)}") from None
 
 
@@ -299,7 +308,7 @@ def identity(spec: str, environ: Mapping[str, str] | None = None) -> dict[str, A
                     "size": int(size) if size is not None else None,
                     "etag": response.headers.get("ETag") or response.headers.get("Last-Modified"),
                 }
-    except (OSError, ValueError) as err:
+    except _S3_ERRORS as err:
         raise RasterReadError(explain_open_error(gdal_path(spec), first_line(err, with_type=True), env)) from None
     log.warning("%s: no ETag or size to identify it by; --run-dir will not notice if it changes", url)
     return {"size": None, "etag": None}
@@ -348,7 +357,7 @@ def explain_open_error(
 def explain_write_error(url: str, message: str, environ: Mapping[str, str] | None = None) -> str:
     """As :func:`explain_open_error`, for writing ``url``."""
     known = _known_cause(gdal_path(url), message, os.environ if environ is None else environ, "write to")
-    return known or f"cannot write {url_of(url)} ({message}); check the bucket's permissions and the endpoint"
+    return known or f"{url_of(url)}: {message}; check the bucket's permissions and the endpoint"
 
 
 def _known_cause(path: str, message: str, env: Mapping[str, str], verb: str) -> str | None:

@@ -246,3 +246,22 @@ def test_a_jittered_sliver_link_does_not_outrank_a_neighbours_own_fragment() -> 
     groups = group_border_instances([a0, b0, b1], tiles, 0.5)
     assert ios_in_shared_zone(a0, b1, tiles[0], tiles[1]) == 1.0
     assert groups == [[0], [1, 2]]
+
+
+def test_a_thin_hole_is_filled_only_where_two_member_cores_meet() -> None:
+    from geomask.merge import fill_seam_holes
+
+    mask = np.ones((20, 20), dtype=bool)
+    mask[8:11, 10:15] = False  # a 3 x 5 slit starting at column 10
+    nobody = np.zeros_like(mask)  # no member's mask covers it
+    owner = np.zeros((20, 20), dtype=np.int64)
+    owner[:, 10:] = 7  # member tile 7's core starts at column 10, member 0's is on the left
+    assert fill_seam_holes(mask, nobody, owner)[8:11, 10:15].all()
+    owner[:, 10:] = -1  # the right side is no member's core: not a seam between two members
+    assert not fill_seam_holes(mask, nobody, owner)[8:11, 10:15].any()
+    owner[:] = 0
+    assert not fill_seam_holes(mask, nobody, owner)[8:11, 10:15].any()  # inside one core
+    wide = np.ones((20, 20), dtype=bool)
+    wide[5:10, 8:14] = False  # 5 px across: wider than the outline noise, a real hole
+    owner[:, 10:] = 7
+    assert not fill_seam_holes(wide, nobody, owner)[5:10, 8:14].any()

@@ -545,6 +545,7 @@ def test_an_s3_output_is_uploaded_whole_with_its_sidecars(
     [
         ("https://example.org/out.gpkg", "only s3:// outputs can be uploaded"),
         ("s3://no-such-bucket/out.gpkg", "s3://no-such-bucket does not exist"),
+        ("no credentials", "access denied"),
     ],
 )
 def test_unwritable_remote_outputs_are_one_line_and_exit_2(
@@ -552,6 +553,9 @@ def test_unwritable_remote_outputs_are_one_line_and_exit_2(
 ) -> None:
     config, _ = reference
     env = {**_clean_env(tmp_path), **s3.environ()}
+    if output == "no credentials":  # no keys at all: the bucket check, before any input is read, says so
+        output = f"s3://{BUCKET}/out.gpkg"
+        env = {k: v for k, v in env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     result = _geomask(["predict", f"s3://{BUCKET}/a/scene.tif", "-o", output, "-c", str(config), "--serial"], env, tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
@@ -745,6 +749,7 @@ def test_a_stac_item_collection_runs_as_is(
         ("no such asset", "has no asset 'nir' (it has: a, b, thumbnail); pick one with --asset"),
         ("two rasters", "has 2 raster assets (a, b); pick one with --asset"),
         ("not stac", "is not a STAC item or item collection"),
+        ("geojson labels", "is not a STAC item or item collection"),
     ],
 )
 def test_stac_mistakes_are_one_line_and_exit_2(
@@ -752,7 +757,12 @@ def test_stac_mistakes_are_one_line_and_exit_2(
 ) -> None:
     config, _ = reference
     item = tmp_path / "item.json"
-    body: object = {"type": "Topology"} if case == "not stac" else _stac_item("two", {"a": "a.tif", "b": "b.tif"})
+    body: object = _stac_item("two", {"a": "a.tif", "b": "b.tif"})
+    if case == "not stac":
+        body = {"type": "Topology"}
+    elif case == "geojson labels":  # a FeatureCollection of plain features: labels given as an input by mistake
+        feature = {"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [15.0, 46.9]}}
+        body = {"type": "FeatureCollection", "features": [feature]}
     item.write_text(json.dumps(body))
     extra = ["--asset", "nir"] if case == "no such asset" else []
     result = _geomask(

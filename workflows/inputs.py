@@ -9,6 +9,8 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 from geomask import remote
 from geomask.errors import ExportError, RasterReadError
@@ -38,8 +40,12 @@ def _expand_one(spec: str, base: str | None = None) -> list[Path]:
 
 
 def _expand_remote(spec: str) -> list[Path]:
-    """Return GDAL paths for a URL or ``/vsi*`` path; an ``s3://`` glob is listed (it is read when planned, not here)."""
-    if not GLOB_CHARS & set(remote.url_of(spec)):
+    """Return GDAL paths for a URL or ``/vsi*`` path; an ``s3://`` glob is listed (it is read when planned, not here).
+
+    Only ``s3://`` paths are globbed: an HTTP URL has no listing, and its ``?`` starts a query (a signed URL).
+    """
+    url = remote.url_of(spec)
+    if not url.startswith(remote.S3_SCHEME) or not GLOB_CHARS & set(url):
         return [Path(remote.gdal_path(spec))]
     found = remote.glob_s3(spec)
     if not found:
@@ -61,6 +67,8 @@ def _stac_items(spec: str) -> list[Any]:
         data = json.loads(remote.read_text(spec) if is_remote(spec) else Path(spec).read_text())
     except ValueError as err:
         raise RasterReadError(f"input {spec} is not valid JSON ({err}); give a STAC item or item collection") from None
+    except OSError as err:
+        raise RasterReadError(f"cannot read input {spec} ({err.strerror or err}); check the path and its permissions") from None
     kind = data.get("type") if isinstance(data, dict) else None
     try:
         if kind == "FeatureCollection":
@@ -69,7 +77,7 @@ def _stac_items(spec: str) -> list[Any]:
             items = [pystac.Item.from_dict(data)]
         else:
             raise ValueError(f"its type is {kind!r}")
-    except (ValueError, KeyError, TypeError, pystac.STACError) as err:
+    except Exception as err:  # noqa: BLE001 - pystac raises many types (STACTypeError is not a STACError): all mean "not STAC"
         raise RasterReadError(
             f"input {spec} is not a STAC item or item collection ({err}); give one (e.g. a saved search result)"
         ) from None
@@ -87,9 +95,9 @@ def _pick_asset(item: Any, spec: str, asset: str | None) -> str:
                 f"STAC item {item.id!r} in {spec} has no asset {asset!r} (it has: {', '.join(assets)}); pick one with --asset"
             )
         return str(assets[asset].href)
-    rasters = [k for k, a in assets.items() if (a.media_type or "").startswith(RASTER_MEDIA_TYPES)]
-    if "visual" in rasters:
+    if "visual" in assets:
         return str(assets["visual"].href)
+    rasters = [k for k, a in assets.items() if (a.media_type or "").startswith(RASTER_MEDIA_TYPES)]
     if len(rasters) != 1:
         names = ", ".join(rasters or list(assets))
         raise RasterReadError(f"STAC item {item.id!r} in {spec} has {len(rasters)} raster assets ({names}); pick one with --asset")
@@ -102,9 +110,10 @@ def _expand_stac(spec: str, asset: str | None) -> list[Path]:
     out: list[Path] = []
     for item in _stac_items(spec):
         href = _pick_asset(item, spec, asset)
-        if href.startswith("file://"):
-            href = href[len("file://") :]
-        out += _expand_one(href, base)
+        if href.startswith("file:"):
+            href = url2pathname(urlsplit(href).path)  # file:///a/b%20c.tif, file://localhost/a.tif
+        # An absolute local path stands on its own, even in a remote JSON; a relative one sits beside the JSON.
+        out += _expand_one(href, None if Path(href).is_absolute() and not is_remote(href) else base)
     return out
 
 

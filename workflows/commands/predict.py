@@ -145,7 +145,7 @@ def predict(
         from workflows.store import recorded_outputs  # imports Dask: not for --serial
 
         owned = recorded_outputs(Path(run_dir))
-    staged = _stage_remote(output)  # -o s3://...: written locally, uploaded whole at the end
+    staged = _stage_remote(output, None if serial else run_dir)  # -o s3://...: written locally, uploaded whole at the end
     with _uploading(staged):
         _predict_into(
             staged.local if staged else output,
@@ -187,7 +187,7 @@ def _predict_into(
 ) -> None:
     layout = plan_outputs(output, paths, fmt, cfg.export.layer, overwrite, owned)
     if staged is not None:
-        staged.check(layout.paths, overwrite)
+        staged.check(layout.paths, overwrite, owned)
     if serial:
         if scheduler or cluster_file or workers or run_dir or fresh or accept_repaired:
             raise click.UsageError(
@@ -219,12 +219,12 @@ def _predict_into(
     _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, with_preview, accept_repaired)
 
 
-def _stage_remote(output: str) -> RemoteOutput | None:
+def _stage_remote(output: str, run_dir: str | None) -> RemoteOutput | None:
     if not is_remote(output):
         return None
     from workflows.upload import stage
 
-    return stage(output)
+    return stage(output, run_dir)
 
 
 @contextmanager
@@ -310,7 +310,8 @@ def _run_dask(
         cluster_seconds = time.perf_counter() - started
         if client.dashboard_link and cfg.dask.dashboard and not logging.getLogger("workflows.cluster").isEnabledFor(logging.INFO):
             click.echo(f"dashboard: {client.dashboard_link}", err=True)
-        with remote_access(client, any(is_remote(p) for p in paths)):  # workers read remote inputs with the client's credentials
+        # Workers read remote inputs (and a remote AOI, when they plan) with the client's credentials.
+        with remote_access(client, any(is_remote(p) for p in paths) or is_remote(cfg.tiling.aoi or "")):
             summary = run_job(client, paths, layout, cfg, store, progress_every)
     if with_preview:
         images = {out: src for src, out in (layout.per_input or {}).items()}

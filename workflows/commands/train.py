@@ -112,7 +112,8 @@ def _check_output(output: Path, replace: bool) -> None:
 @click.option(
     "--hard-negatives",
     type=float,
-    help="Probability per chip of a chip centred where the model reported an object no label has (mined every 50 iterations).",
+    help="Probability per chip of a chip centred where the model reported an object no label has "
+    "(mined every hard_negative_every iterations, default 50).",
 )
 @click.option(
     "--inference-defaults",
