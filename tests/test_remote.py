@@ -449,6 +449,20 @@ def test_a_dask_cluster_reads_s3_with_the_clients_credentials_and_the_run_folder
         _predict(*command)  # unchanged objects: resumed from the run folder
         assert json.loads((run_dir / "summary.json").read_text())["tasks_computed"] == 0
 
+        # An S3 output from the cluster run, staged in the run folder: the same command again (a resume) may
+        # replace the object it uploaded itself; another command into it may not.
+        up_dir = tmp_path / "run-up"
+        up = [f"s3://{BUCKET}/dask/one.tif", "-o", f"s3://{BUCKET}/dask-out/one.gpkg", "-c", config]
+        up += ["--scheduler", cluster.scheduler_address, "--run-dir", up_dir]
+        _predict(*up)
+        _predict(*up)
+        s3.client().download_file(BUCKET, "dask-out/one.gpkg", str(tmp_path / "one-back.gpkg"))
+        assert polygons(tmp_path / "one-back.gpkg") == expected
+        assert not (up_dir / "upload").exists()  # the staging folder is gone once uploaded
+        with pytest.raises(SystemExit) as exit_:
+            main(["predict", *map(str, up[:-1]), str(tmp_path / "other-run"), "--no-preview"])
+        assert exit_.value.code == 2
+
         s3.client().put_object(Bucket=BUCKET, Key="dask/two.tif", Body=scene[0].read_bytes() + b"\0")
         with pytest.raises(SystemExit) as exit_:
             main(["predict", *map(str, command), "--no-preview"])
