@@ -261,7 +261,7 @@ def load_aoi(path: str | Path, crs: CRS) -> BaseGeometry:
     """
     import pyogrio
 
-    p = remote.gdal_path(path) if remote.is_remote(path) else str(path)
+    p = remote.gdal_path(path)
     if not remote.is_remote(p) and not Path(p).exists():
         raise ConfigError(f"tiling.aoi {p!r} does not exist; give a vector file (GeoPackage, GeoJSON, Shapefile, ...)")
     try:

@@ -245,7 +245,6 @@ def fuse(members: Sequence[Instance], tiles: TileLookup) -> Instance:
     shape = (r1 - r0, c1 - c0)
     union = np.zeros(shape, dtype=bool)
     from_core = np.zeros(shape, dtype=bool)
-    covered = np.zeros(shape, dtype=bool)
     owner = np.full(shape, -1, dtype=np.int64)  # which member tile's core holds each pixel (-1: none)
     for m in members:
         mr, mc = m.row_off - r0, m.col_off - c0
@@ -254,14 +253,13 @@ def fuse(members: Sequence[Instance], tiles: TileLookup) -> Instance:
         zone = _overlap(m.bounds(), core)
         cz = _overlap((c0, r0, c1, r1), core)
         if cz is not None:
-            covered[cz[1] - r0 : cz[3] - r0, cz[0] - c0 : cz[2] - c0] = True
             owner[cz[1] - r0 : cz[3] - r0, cz[0] - c0 : cz[2] - c0] = m.tile_id
         if zone is not None:
             zc0, zr0, zc1, zr1 = zone
             from_core[zr0 - r0 : zr1 - r0, zc0 - c0 : zc1 - c0] |= m.mask[
                 zr0 - m.row_off : zr1 - m.row_off, zc0 - m.col_off : zc1 - m.col_off
             ]
-    mask = fill_seam_holes(from_core | (union & ~covered), union, owner)
+    mask = fill_seam_holes(from_core | (union & (owner < 0)), union, owner)
     best = max(members, key=lambda m: (m.score, -m.class_id))
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
@@ -277,9 +275,7 @@ def fuse(members: Sequence[Instance], tiles: TileLookup) -> Instance:
     )
 
 
-def fill_seam_holes(
-    mask: npt.NDArray[np.bool_], union: npt.NDArray[np.bool_], owner: npt.NDArray[np.int64] | None = None
-) -> npt.NDArray[np.bool_]:
+def fill_seam_holes(mask: npt.NDArray[np.bool_], union: npt.NDArray[np.bool_], owner: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
     """Fill the holes of a fused mask that no tile saw: inside some member's mask, or a thin slit where cores meet.
 
     Taking each core's pixels from its own tile can leave a few pixels where cores meet that the owning
@@ -287,8 +283,8 @@ def fill_seam_holes(
     hole (a courtyard) is a hole of every member, so no member covers it and it stays.
 
     Two notches side by side, one in each tile's outline on either side of the line where their cores
-    meet, leave a slit that no member covers either. With ``owner`` (the member tile whose core holds
-    each pixel, -1 for none) a hole is also filled when it is thin — no pixel of it farther than
+    meet, leave a slit that no member covers either. ``owner`` is the member tile whose core holds
+    each pixel (-1 for none); a hole is also filled when it is thin — no pixel of it farther than
     :data:`NEIGHBOUR_GAP_PX` from the mask (a slit up to 4 px across), the outline noise the merge allows
     elsewhere — and touches the cores of two different members. A courtyard is wider, and one inside a
     single core, or between one member's core and pixels no member's core holds, is never touched.
@@ -299,7 +295,7 @@ def fill_seam_holes(
     lab, n = ndimage.label(holes)
     index = np.arange(1, n + 1)
     fill = np.asarray(ndimage.minimum(union, lab, index), dtype=bool)
-    if owner is not None and not fill.all():
+    if not fill.all():
         thin = np.asarray(ndimage.maximum(ndimage.distance_transform_edt(holes), lab, index)) <= NEIGHBOUR_GAP_PX
         boxes = ndimage.find_objects(lab)
         for k in np.flatnonzero(thin & ~fill):

@@ -53,6 +53,11 @@ def _expand_remote(spec: str) -> list[Path]:
     return [Path(remote.gdal_path(url)) for url in found]
 
 
+def _read_text(spec: str) -> str:
+    """The text of a small input file (a ``.txt`` list, a STAC JSON): local, or on S3 or HTTP."""
+    return remote.read_text(spec) if is_remote(spec) else Path(spec).read_text()
+
+
 # Media types of the assets a STAC item may hand to GDAL as a raster (any GeoTIFF profile, JPEG 2000).
 RASTER_MEDIA_TYPES = ("image/tiff", "image/jp2", "image/vnd.stac.geotiff")
 
@@ -64,7 +69,7 @@ def _stac_items(spec: str) -> list[Any]:
     except ImportError:
         raise RasterReadError(f"input {spec} is JSON (a STAC item?): reading STAC needs pystac; `pip install pystac`") from None
     try:
-        data = json.loads(remote.read_text(spec) if is_remote(spec) else Path(spec).read_text())
+        data = json.loads(_read_text(spec))
     except ValueError as err:
         raise RasterReadError(f"input {spec} is not valid JSON ({err}); give a STAC item or item collection") from None
     except OSError as err:
@@ -137,7 +142,7 @@ def expand_inputs(specs: Sequence[str], asset: str | None = None) -> list[Path]:
         if is_stac(spec):
             out += _expand_stac(spec, asset)
         elif spec.lower().endswith(".txt") and (is_remote(spec) or Path(spec).is_file()):
-            text = remote.read_text(spec) if is_remote(spec) else Path(spec).read_text()
+            text = _read_text(spec)
             base = remote.gdal_path(spec) if is_remote(spec) else str(Path(spec).parent)
             for line in text.splitlines():
                 entry = line.strip()

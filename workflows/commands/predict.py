@@ -147,76 +147,39 @@ def predict(
         owned = recorded_outputs(Path(run_dir))
     staged = _stage_remote(output, None if serial else run_dir)  # -o s3://...: written locally, uploaded whole at the end
     with _uploading(staged):
-        _predict_into(
-            staged.local if staged else output,
-            staged,
-            paths,
-            cfg,
-            fmt,
-            overwrite,
-            owned,
-            serial,
-            run_dir,
-            fresh,
-            accept_repaired,
-            scheduler,
-            cluster_file,
-            workers,
-            progress_every,
-            with_preview,
-        )
-
-
-def _predict_into(
-    output: str,
-    staged: RemoteOutput | None,
-    paths: list[Path],
-    cfg: Config,
-    fmt: str,
-    overwrite: bool,
-    owned: frozenset[Path],
-    serial: bool,
-    run_dir: str | None,
-    fresh: bool,
-    accept_repaired: bool,
-    scheduler: str | None,
-    cluster_file: str | None,
-    workers: int | None,
-    progress_every: float,
-    with_preview: bool,
-) -> None:
-    layout = plan_outputs(output, paths, fmt, cfg.export.layer, overwrite, owned)
-    if staged is not None:
-        staged.check(layout.paths, overwrite, owned)
-    if serial:
-        if scheduler or cluster_file or workers or run_dir or fresh or accept_repaired:
-            raise click.UsageError(
-                "--serial runs in this process; drop --scheduler/--cluster/--workers/--run-dir/--fresh/--accept-repaired"
-            )
-        if layout.per_input is None and len(paths) > 1:
-            raise click.UsageError("several inputs into one file need the Dask workflow; drop --serial or give a folder (-o out/)")
-        targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
-        failed: list[tuple[Path, TileFailure]] = []
-        for src, out in targets.items():
-            summary = run_serial(src, out, cfg, overwrite=layout.may_replace(out), progress_every_s=progress_every)
-            failed += [(src, f) for f in summary.failures]
-            if with_preview:
-                _preview(out, src)
-            fails = [(str(src), f.tile, f.stage, f.error) for f in summary.failures]
-            _report(out, [src], summary.seconds, summary.n_tiles, fails, summary.model_card)
-            click.echo(
-                f"{summary.n_objects} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s "
-                f"(model load {summary.model_seconds:.1f} s; {summary.n_tiles_empty} empty and "
-                f"{summary.n_tiles_outside_aoi} outside the AOI skipped), "
-                f"{len(summary.failures)} failed tiles -> {summary.output}"
-            )
-        if failed:  # the same semantics as the Dask path: everything else is written, exit code 3
-            for src, f in failed:
-                log.warning("failed: %s tile %d (%s): %s", src, f.tile, f.stage, f.error)
-            click.echo(f"geomask: {len(failed)} tile(s) failed (first: {failed[0][1].error}); see the log above", err=True)
-            sys.exit(EXIT_FAILURES)
-        return
-    _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, with_preview, accept_repaired)
+        output = staged.local if staged else output
+        layout = plan_outputs(output, paths, fmt, cfg.export.layer, overwrite, owned)
+        if staged is not None:
+            staged.check(layout.paths, overwrite, owned)
+        if serial:
+            if scheduler or cluster_file or workers or run_dir or fresh or accept_repaired:
+                raise click.UsageError(
+                    "--serial runs in this process; drop --scheduler/--cluster/--workers/--run-dir/--fresh/--accept-repaired"
+                )
+            if layout.per_input is None and len(paths) > 1:
+                raise click.UsageError("several inputs into one file need the Dask workflow; drop --serial or give a folder (-o out/)")
+            targets = layout.per_input or dict(zip(paths, layout.paths, strict=True))
+            failed: list[tuple[Path, TileFailure]] = []
+            for src, out in targets.items():
+                summary = run_serial(src, out, cfg, overwrite=layout.may_replace(out), progress_every_s=progress_every)
+                failed += [(src, f) for f in summary.failures]
+                if with_preview:
+                    _preview(out, src)
+                fails = [(str(src), f.tile, f.stage, f.error) for f in summary.failures]
+                _report(out, [src], summary.seconds, summary.n_tiles, fails, summary.model_card)
+                click.echo(
+                    f"{summary.n_objects} objects from {summary.n_tiles} tiles in {summary.seconds:.1f} s "
+                    f"(model load {summary.model_seconds:.1f} s; {summary.n_tiles_empty} empty and "
+                    f"{summary.n_tiles_outside_aoi} outside the AOI skipped), "
+                    f"{len(summary.failures)} failed tiles -> {summary.output}"
+                )
+            if failed:  # the same semantics as the Dask path: everything else is written, exit code 3
+                for src, f in failed:
+                    log.warning("failed: %s tile %d (%s): %s", src, f.tile, f.stage, f.error)
+                click.echo(f"geomask: {len(failed)} tile(s) failed (first: {failed[0][1].error}); see the log above", err=True)
+                sys.exit(EXIT_FAILURES)
+            return
+        _run_dask(cfg, paths, layout, run_dir, fresh, progress_every, with_preview, accept_repaired)
 
 
 def _stage_remote(output: str, run_dir: str | None) -> RemoteOutput | None:

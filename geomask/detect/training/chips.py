@@ -177,9 +177,12 @@ class ChipSampler:
 
     def background_window(self) -> tuple[int, float, float]:
         """Draw a chip's top-left ``(raster, row, col)`` anywhere (scale 1), as background chips are drawn."""
+        return self._anywhere(self.settings.chip_size_px)
+
+    def _anywhere(self, span: float) -> tuple[int, float, float]:
+        """A window's top-left ``(raster, row, col)`` anywhere, rasters weighted by their area."""
         k = int(self.rng.choice(len(self._area_p), p=self._area_p))
         g = self.reader.rasters[k].grid
-        span = self.settings.chip_size_px
         return k, float(self.rng.uniform(0, max(0.0, g.height - span))), float(self.rng.uniform(0, max(0.0, g.width - span)))
 
     def sample(self) -> Chip:
@@ -207,23 +210,25 @@ class ChipSampler:
         lo, hi = s.scale_jitter
         scale = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
         span = s.chip_size_px * scale
+        centre: tuple[int, float, float] | None = None
         if positive is None and s.hard_negatives > 0 and self.hard and rng.random() < s.hard_negatives:
-            # A chip around a spot where the model saw an object that no label has, seen anywhere in it.
+            # Around a spot where the model saw an object that no label has.
             spot = self.hard[int(rng.integers(len(self.hard)))]
-            return self.reader.read(spot.raster, spot.row - span * rng.uniform(0.1, 0.9), spot.col - span * rng.uniform(0.1, 0.9), scale)
-        if positive is None:
-            positive = bool(rng.random() < s.positive_fraction)
-        if positive and self._label_p is not None:
-            k = int(rng.choice(len(self._label_p), p=self._label_p))
-            cy, cx = self.reader.rasters[k].centers[int(rng.integers(len(self.reader.rasters[k].centers)))]
-            # The object lands anywhere in the chip's central 80 %, so cut objects are seen at every edge.
+            centre = (spot.raster, spot.row, spot.col)
+        else:
+            if positive is None:
+                positive = bool(rng.random() < s.positive_fraction)
+            if positive and self._label_p is not None:
+                k = int(rng.choice(len(self._label_p), p=self._label_p))
+                cy, cx = self.reader.rasters[k].centers[int(rng.integers(len(self.reader.rasters[k].centers)))]
+                centre = (k, float(cy), float(cx))
+        if centre is None:
+            k, row, col = self._anywhere(span)
+        else:
+            # The spot lands anywhere in the chip's central 80 %, so cut objects are seen at every edge.
+            k, cy, cx = centre
             row = cy - span * rng.uniform(0.1, 0.9)
             col = cx - span * rng.uniform(0.1, 0.9)
-        else:
-            k = int(rng.choice(len(self._area_p), p=self._area_p))
-            g = self.reader.rasters[k].grid
-            row = rng.uniform(0, max(0.0, g.height - span))
-            col = rng.uniform(0, max(0.0, g.width - span))
         return self.reader.read(k, row, col, scale)
 
 

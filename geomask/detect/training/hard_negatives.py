@@ -57,8 +57,8 @@ def false_positives(
                     continue
                 c0, r0, c1, r1 = (int(v) for v in np.round(box))
                 area = max(1, (r1 - r0) * (c1 - c0))
-                cy, cx = min((r0 + r1) // 2, chip.valid.shape[0] - 1), min((c0 + c1) // 2, chip.valid.shape[1] - 1)
-                if not chip.valid[max(0, cy), max(0, cx)]:
+                h, w = chip.valid.shape
+                if not chip.valid[int(np.clip((r0 + r1) // 2, 0, h - 1)), int(np.clip((c0 + c1) // 2, 0, w - 1))]:
                     continue  # in the padding of a raster smaller than a chip, or in nodata
                 if labelled[max(0, r0) : r1, max(0, c0) : c1].sum() < MAX_LABELLED_SHARE * area:
                     spots.append(Spot(k, row0 + (r0 + r1) / 2 * fy, col0 + (c0 + c1) / 2 * fx))
