@@ -37,6 +37,7 @@ from geomask.instances import Instance
 from geomask.pipeline import RasterPlan, check_channels, in_aoi, mark_partial, new_run_id, resolve_config, shape_plan, warn_resampling
 from geomask.vectorize import Feature
 from workflows.blocks import Block, BlockResult, BlockTree
+from workflows.exits import JobStopped
 from workflows.inputs import OutputLayout
 from workflows.progress import Progress
 from workflows.schedule import (
@@ -305,6 +306,8 @@ class _Job:
         except CancelledError:  # not a failed tile: nothing may be written from the cancelled work
             self.watch.check_client()
             raise self.watch.dropped(f"task {fut.key}") from None
+        except JobStopped:  # the fetch itself stalled (a frozen worker holds the result): the job stops, no task failed
+            raise
         except Exception as err:  # noqa: BLE001 - recorded in the failure ledger, the job goes on
             reason = first_line(err, with_type=True)
             log.warning("%s %s failed after %d retries: %s", inp.path, block.key, self.retries, reason)
