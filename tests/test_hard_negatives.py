@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from geomask.detect.checkpoint import load_checkpoint
 from geomask.detect.training import TrainSettings, train
 from geomask.detect.training.chips import ChipReader, ChipSampler, Spot, open_rasters
 from geomask.detect.training.hard_negatives import false_positives
+from geomask.detect.training.trainer import Trainer, load_data
 from tests.test_train import SETTINGS, square_scene
 
 CHIP = 64
@@ -105,3 +107,24 @@ def test_training_mines_on_schedule_and_keeps_a_pool(tmp_path: Path) -> None:
     assert [r["iteration"] for r in mined] == [10, 20, 30]
     pools = [r["hard_negative_pool"] for r in mined]
     assert pools == sorted(pools) and pools[-1] == sum(r["hard_negatives_found"] for r in mined)
+
+
+def test_a_resumed_run_keeps_its_mined_pool(tmp_path: Path) -> None:
+    image, labels, _ = square_scene(tmp_path, "p", 5, size=256, n=10)
+    settings = SETTINGS.replace(
+        iterations=10, warmup_iters=5, val_every=10, hard_negatives=0.5, hard_negative_every=10, hard_negative_windows=4, keep="last"
+    )
+    out = tmp_path / "hn.pt"
+    data = load_data([str(image)], [str(labels)], [], None, settings)
+    first = Trainer(settings, data, out)
+    first.start(resume=False)
+    first.hard_pool = [Spot(0, 50.0, 60.0), Spot(0, 120.5, 30.25)]
+    first.save_last(0, 0.0)  # as a run stopped after mining would
+    resumed = Trainer(settings, data, out)
+    resumed.start(resume=True)
+    assert resumed.hard_pool == first.hard_pool
+    resumed.run(0.0)
+    records = [json.loads(line) for line in out.with_name("hn.pt.log.jsonl").read_text().splitlines()]
+    (mined,) = [r for r in records if "hard_negatives_found" in r]
+    assert mined["hard_negative_pool"] == 2 + mined["hard_negatives_found"]  # the resumed pool, then what it found
+    assert load_checkpoint(out.with_name("hn.pt.last.pt")).train_state["hard_negatives"][:2] == [[0, 50.0, 60.0], [0, 120.5, 30.25]]

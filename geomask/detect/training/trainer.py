@@ -32,7 +32,7 @@ from geomask.detect.base import ModelHints
 from geomask.detect.checkpoint import CheckpointMeta, check_inference, load_checkpoint, save_checkpoint
 from geomask.detect.maskrcnn import MaskRCNNDetector, resolve_device
 from geomask.detect.training.augment import Chip
-from geomask.detect.training.chips import ChipReader, ChipSampler, TrainRaster, chip_target, open_rasters, validation_chips
+from geomask.detect.training.chips import ChipReader, ChipSampler, Spot, TrainRaster, chip_target, open_rasters, validation_chips
 from geomask.detect.training.hard_negatives import false_positives
 from geomask.detect.training.settings import NORMALIZE, TrainSettings
 from geomask.detect.training.validation import evaluate_chips
@@ -139,6 +139,7 @@ class Trainer:
         self.iteration, self.best_f1, self.elapsed0 = 0, -1.0, 0.0
         self.best_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.hard_pool: list[Spot] = []  # mined hard-negative spots, saved with the resumable state
         self.hardware = (
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
             if self.device.type == "cpu"
@@ -186,6 +187,7 @@ class Trainer:
         self.best_f1 = float(state.get("best_f1", -1.0))
         self.elapsed0 = float(state.get("elapsed_s", 0.0))
         self.best_metrics = {k: float(v) for k, v in dict(state.get("best_metrics", {})).items()}
+        self.hard_pool = [Spot(int(k), float(r), float(c)) for k, r, c in state.get("hard_negatives", [])]
         self.rng = np.random.default_rng(self.settings.seed + self.iteration)
         log.info("resumed from %s at iteration %d (best val F1 %.3f)", self.last_path, self.iteration, self.best_f1)
         return state
@@ -253,6 +255,7 @@ class Trainer:
             "best_f1": self.best_f1,
             "elapsed_s": seconds,
             "best_metrics": self.best_metrics,
+            "hard_negatives": [[p.raster, p.row, p.col] for p in self.hard_pool],
         }
         if self.ema is not None:
             state.update(ema=self.ema.model.state_dict(), ema_steps=self.ema.steps)
@@ -291,6 +294,7 @@ class Trainer:
         s, data = self.settings, self.data
         reader = ChipReader(data.train, s.chip_size_px, s.min_area_px)
         sampler = ChipSampler(reader, s, self.rng)
+        sampler.add_hard_negatives(self.hard_pool)  # a resumed run's mined spots
         val_chips = validation_chips(ChipReader(data.val, s.chip_size_px, s.min_area_px)) if data.val else []
         log.info("%d validation chips", len(val_chips))
         self.model.train()
@@ -339,6 +343,7 @@ class Trainer:
         windows = [sampler.background_window() for _ in range(s.hard_negative_windows)]
         spots = false_positives(self.model, reader, windows, s.val_score_threshold, self.device, self._autocast)
         sampler.add_hard_negatives(spots)
+        self.hard_pool = sampler.hard
         self._write_log({"iteration": self.iteration, "hard_negatives_found": len(spots), "hard_negative_pool": len(sampler.hard)})
         log.info("mined %d false positives in %d windows (pool %d)", len(spots), len(windows), len(sampler.hard))
 
