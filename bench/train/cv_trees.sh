@@ -6,7 +6,7 @@
 # held-out site's plots the way a user would (`geomask predict -c configs/trees.yaml` with that threshold).
 # The 8 under-annotated plots (data README) are used for nothing.
 # Usage: RECIPE=name [FOLDS="TEAK SJER HARV"] [ITERATIONS=600] bench/train/cv_trees.sh [extra train args]
-# Results: runs/cv_trees/$RECIPE/$SITE/{model.pt,train.log,threshold,scores.json}; summary:
+# Results: runs/cv_trees/$RECIPE/$SITE/{model.pt,train.log,threshold,scores.json,held_sweep.json}; summary:
 # python bench/train/cv_summary.py --trees $RECIPE
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,7 +20,7 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 for hold in $FOLDS; do
   out=runs/cv_trees/$RECIPE/$hold
   mkdir -p "$out"
-  if [ -f "$out/scores.json" ]; then echo "$hold: done"; continue; fi
+  if [ -f "$out/held_sweep.json" ]; then echo "$hold: done"; continue; fi
   train=() held=() train_args=() val_args=()
   for tif in "$DATA"/plots/*.tif; do
     plot=$(basename "$tif" .tif)
@@ -47,4 +47,8 @@ for hold in $FOLDS; do
   $PY bench/train/eval_trees.py "$out/model.pt" --config "$out/config.yaml" --plots "${held[@]}" \
     --out "$out/pred_held" --json "$out/scores.json" >"$out/eval.log" 2>&1
   echo "$hold: threshold $best; $(tail -1 "$out/eval.log")"
+  # F1 at every swept threshold on the held-out site, for choosing the threshold by cross-validation over
+  # sites (bench/train/cv_summary.py --trees: each fold's threshold comes from the other folds' sweeps).
+  $PY bench/train/eval_trees.py "$out/model.pt" --config configs/trees.yaml --score-floor 0.3 --sweep $SWEEP \
+    --plots "${held[@]}" --out "$out/pred_held_sweep" --json "$out/held_sweep.json" >"$out/held_sweep.log" 2>&1
 done
