@@ -9,6 +9,11 @@ Buildings (``bench/train/cv_buildings.sh``, leave one city out): reads ``ROOT/RE
 the fold chose on its training plots. Prints a Markdown table: one row per recipe, one column per held-out
 fold, then the mean and the spread (max − min) over the folds that finished. A fold without scores is shown
 as "–" and left out of the mean, and the row says how many folds it averages.
+
+Trees, when every fold also has ``held_sweep.json`` (its held-out site scored at each swept threshold): a
+second table chooses the score threshold by cross-validation over sites — fold s is scored at the
+threshold with the best mean F1 over the *other* folds' held-out sites (nested: s never picks its own
+threshold) — and the last line gives the threshold with the best mean over all folds, the one to ship.
 """
 
 from __future__ import annotations
@@ -57,6 +62,39 @@ def main() -> None:
         mean = f"{statistics.mean(f1s):.3f}" if f1s else "–"
         spread = f"{max(f1s) - min(f1s):.3f}" if len(f1s) > 1 else "–"
         print(f"| {recipe} | " + " | ".join(cells) + f" | {mean} | {spread} | {len(f1s)} of {len(folds)} |")
+    if args.trees:
+        for recipe in args.recipes:
+            nested_thresholds(root, recipe)
+
+
+def _prf(c: dict[str, int]) -> tuple[float, float, float]:
+    p = c["tp"] / c["n_pred"] if c["n_pred"] else 0.0
+    r = c["tp"] / c["n_truth"] if c["n_truth"] else 0.0
+    return p, r, (2 * p * r / (p + r) if p + r else 0.0)
+
+
+def best_threshold(sweeps: list[dict[str, dict[str, int]]]) -> str:
+    """The swept threshold with the best mean F1 over these sites (ties: the lower threshold)."""
+    return max(sweeps[0], key=lambda t: (statistics.mean(_prf(s[t])[2] for s in sweeps), -float(t)))
+
+
+def nested_thresholds(root: Path, recipe: str) -> None:
+    """Print each fold scored at the threshold the other folds' held-out sweeps choose (see module doc)."""
+    paths = {site: root / recipe / site / "held_sweep.json" for site in SITES}
+    if not all(p.is_file() for p in paths.values()):
+        return
+    sweeps = {site: json.loads(p.read_text())["sweep_counts"] for site, p in paths.items()}
+    print(f"\n{recipe}, score threshold chosen on the other sites' held-out sweeps:\n")
+    print("| recipe | " + " | ".join(f"{s} F1 (P / R, t)" for s in SITES) + " | mean F1 | spread |")
+    print("| --- |" + " ---: |" * (len(SITES) + 2))
+    cells, f1s = [], []
+    for site in SITES:
+        t = best_threshold([sweeps[o] for o in SITES if o != site])
+        p, r, f1 = _prf(sweeps[site][t])
+        f1s.append(f1)
+        cells.append(f"{f1:.3f} ({p:.2f} / {r:.2f}, t {t})")
+    print(f"| {recipe} | " + " | ".join(cells) + f" | {statistics.mean(f1s):.3f} | {max(f1s) - min(f1s):.3f} |")
+    print(f"\nthreshold for a new site (best mean F1 over all {len(SITES)} held-out sites): {best_threshold(list(sweeps.values()))}")
 
 
 if __name__ == "__main__":

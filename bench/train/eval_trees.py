@@ -9,7 +9,8 @@ boxes one to one at box IoU ≥ 0.5 (``geomask.evaluate`` in box mode), per site
 a CRS) and over all plots (counts summed; AP is per site only). Default plots: the validation plots of
 ``bench/train/train_trees.sh`` (never trained on); ``--plots train`` scores the training plots instead.
 
-``--sweep`` also prints F1 over all plots for each score threshold (predictions below it dropped):
+``--sweep`` also prints F1 over all plots for each score threshold (predictions below it dropped; the JSON
+has it under ``sweep`` and the match counts under ``sweep_counts``):
 run with ``--score-floor`` (or the config's threshold) at or below the lowest value swept. Each NEON plot is one tile with
 ``configs/trees.yaml``, so dropping low scores afterwards equals raising ``score_threshold``. Choose a
 threshold on the training plots, not on the held-out ones, to keep the held-out score honest.
@@ -111,7 +112,8 @@ def main() -> None:
     if args.sweep:
         if min(args.sweep) < threshold:
             print(f"warning: predictions stop at score {threshold}; sweep values below it all score as {threshold} (use --score-floor)")
-        results["sweep"] = sweep(sites, args.sweep)
+        results["sweep_counts"] = sweep(sites, args.sweep)
+        results["sweep"] = {t: 2 * c["tp"] / max(1, c["n_pred"] + c["n_truth"]) for t, c in results["sweep_counts"].items()}
         print("score threshold sweep (all plots): " + ", ".join(f"{t}: F1 {f:.3f}" for t, f in results["sweep"].items()))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -138,15 +140,15 @@ def _concat(frames: list[gpd.GeoDataFrame]) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=frames[0].crs)
 
 
-def sweep(sites: dict[str, tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]], thresholds: list[float]) -> dict[str, float]:
-    """F1 over all plots (counts summed over sites) with predictions below each threshold dropped."""
+def sweep(sites: dict[str, tuple[gpd.GeoDataFrame, gpd.GeoDataFrame]], thresholds: list[float]) -> dict[str, dict[str, int]]:
+    """Match counts over all plots (summed over sites) with predictions below each threshold dropped."""
     out = {}
     for t in thresholds:
         tp = n_pred = n_truth = 0
         for pred, truth in sites.values():
             ev = evaluate_frames(pred[pred["score"] >= t], truth, box=True, iou_threshold=0.5).overall
             tp, n_pred, n_truth = tp + ev.tp, n_pred + ev.n_pred, n_truth + ev.n_truth
-        out[f"{t:g}"] = 2 * tp / max(1, n_pred + n_truth)
+        out[f"{t:g}"] = {"tp": tp, "n_pred": n_pred, "n_truth": n_truth}
     return out
 
 
