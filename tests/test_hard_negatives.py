@@ -118,11 +118,11 @@ def test_a_resumed_run_keeps_its_mined_pool(tmp_path: Path) -> None:
     data = load_data([str(image)], [str(labels)], [], None, settings)
     first = Trainer(settings, data, out)
     first.start(resume=False)
-    first.hard_pool = [Spot(0, 50.0, 60.0), Spot(0, 120.5, 30.25)]
+    first.sampler.add_hard_negatives([Spot(0, 50.0, 60.0), Spot(0, 120.5, 30.25)])
     first.save_last(0, 0.0)  # as a run stopped after mining would
     resumed = Trainer(settings, data, out)
     resumed.start(resume=True)
-    assert resumed.hard_pool == first.hard_pool
+    assert resumed.sampler.hard == first.sampler.hard
     resumed.run(0.0)
     records = [json.loads(line) for line in out.with_name("hn.pt.log.jsonl").read_text().splitlines()]
     (mined,) = [r for r in records if "hard_negatives_found" in r]

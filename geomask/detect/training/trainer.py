@@ -134,12 +134,12 @@ class Trainer:
         self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
         cuda_amp = settings.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if cuda_amp else None
-        self.rng = np.random.default_rng(settings.seed)
+        self.reader = ChipReader(data.train, settings.chip_size_px, settings.min_area_px)
+        self.sampler = ChipSampler(self.reader, settings, np.random.default_rng(settings.seed))  # and the mined spots
         self.ema: Ema | None = None
         self.iteration, self.best_f1, self.elapsed0 = 0, -1.0, 0.0
         self.best_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        self.hard_pool: list[Spot] = []  # mined hard-negative spots, saved with the resumable state
         self.hardware = (
             f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
             if self.device.type == "cpu"
@@ -187,8 +187,8 @@ class Trainer:
         self.best_f1 = float(state.get("best_f1", -1.0))
         self.elapsed0 = float(state.get("elapsed_s", 0.0))
         self.best_metrics = {k: float(v) for k, v in dict(state.get("best_metrics", {})).items()}
-        self.hard_pool = [Spot(int(k), float(r), float(c)) for k, r, c in state.get("hard_negatives", [])]
-        self.rng = np.random.default_rng(self.settings.seed + self.iteration)
+        self.sampler.rng = np.random.default_rng(self.settings.seed + self.iteration)
+        self.sampler.add_hard_negatives([Spot(int(k), float(r), float(c)) for k, r, c in state.get("hard_negatives", [])])
         log.info("resumed from %s at iteration %d (best val F1 %.3f)", self.last_path, self.iteration, self.best_f1)
         return state
 
@@ -255,7 +255,7 @@ class Trainer:
             "best_f1": self.best_f1,
             "elapsed_s": seconds,
             "best_metrics": self.best_metrics,
-            "hard_negatives": [[p.raster, p.row, p.col] for p in self.hard_pool],
+            "hard_negatives": [[p.raster, p.row, p.col] for p in self.sampler.hard],
         }
         if self.ema is not None:
             state.update(ema=self.ema.model.state_dict(), ema_steps=self.ema.steps)
@@ -292,9 +292,7 @@ class Trainer:
     def run(self, t_start: float) -> TrainResult:
         """Train until ``iterations`` (or ``max_minutes`` after ``t_start``), validating every ``val_every``."""
         s, data = self.settings, self.data
-        reader = ChipReader(data.train, s.chip_size_px, s.min_area_px)
-        sampler = ChipSampler(reader, s, self.rng)
-        sampler.add_hard_negatives(self.hard_pool)  # a resumed run's mined spots
+        sampler = self.sampler
         val_chips = validation_chips(ChipReader(data.val, s.chip_size_px, s.min_area_px)) if data.val else []
         log.info("%d validation chips", len(val_chips))
         self.model.train()
@@ -311,7 +309,7 @@ class Trainer:
                 raise ConfigError(f"training loss became {value} at iteration {it}; lower --lr or disable amp")
             window.append(value)
             if s.hard_negatives > 0 and it >= s.warmup_iters and it % s.hard_negative_every == 0:
-                self.mine(sampler, reader)
+                self.mine()
             now = time.perf_counter()
             seconds = self.elapsed0 + now - t_start
             if it % s.log_every == 0 or it == s.iterations:
@@ -337,13 +335,12 @@ class Trainer:
         seconds = self.elapsed0 + time.perf_counter() - t_start
         return TrainResult(self.output, self.iteration, seconds, self.best_metrics, self.history)
 
-    def mine(self, sampler: ChipSampler, reader: ChipReader) -> None:
+    def mine(self) -> None:
         """Find where the model reports objects no label has, and let the sampler centre chips there."""
-        s = self.settings
+        s, sampler = self.settings, self.sampler
         windows = [sampler.background_window() for _ in range(s.hard_negative_windows)]
-        spots = false_positives(self.model, reader, windows, s.val_score_threshold, self.device, self._autocast)
+        spots = false_positives(self.model, self.reader, windows, s.val_score_threshold, self.device, self._autocast)
         sampler.add_hard_negatives(spots)
-        self.hard_pool = sampler.hard
         self._write_log({"iteration": self.iteration, "hard_negatives_found": len(spots), "hard_negative_pool": len(sampler.hard)})
         log.info("mined %d false positives in %d windows (pool %d)", len(spots), len(windows), len(sampler.hard))
 
