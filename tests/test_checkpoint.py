@@ -176,6 +176,21 @@ def test_shipped_models_by_name() -> None:
         build("forest")
 
 
+def test_the_tree_checkpoint_carries_the_settings_of_its_config() -> None:
+    """``--weights trees`` alone must give what ``-c configs/trees.yaml`` gives (the card's number)."""
+    from geomask.config import load_config
+    from geomask.models import BUNDLED_MODELS
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "trees.yaml")
+    meta = load_checkpoint(MODELS_DIR / BUNDLED_MODELS["trees"]).meta
+    assert meta is not None
+    options = config.detector.options
+    for key in ("score_threshold", "nms_threshold", "detections_per_img"):
+        assert meta.inference[key] == options[key], key
+    assert meta.inference["min_area_m2"] == config.vectorize.min_area_m2
+    assert meta.inference["shape"] == config.vectorize.shape.method
+
+
 def test_inference_defaults_round_trip_and_are_used(tmp_path: Path) -> None:
     from geomask.detect.checkpoint import set_inference_defaults
 

@@ -24,7 +24,7 @@ def main() -> None:
     ap.add_argument("values", nargs="*", metavar="KEY=VALUE")
     ap.add_argument("-o", "--output", help="Write here instead of in place.")
     ap.add_argument("--replace", action="store_true", help="Drop the stored defaults first.")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # -o may come before the KEY=VALUE list
     values = {}
     for item in args.values:
         key, sep, raw = item.partition("=")
