@@ -242,10 +242,8 @@ def test_tta_with_a_real_model(detector: MaskRCNNDetector) -> None:
         build(None, device="cpu", tta=3)
 
 
-def test_resnet101_fpn_forward_and_checkpoint(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = build_model("resnet101_fpn", 1, 64, detections_per_img=5)
-    assert sum(p.numel() for p in model.backbone.body.parameters()) > 40_000_000  # ResNet-101, not 50
+def _train_step_and_round_trip(model: torch.nn.Module, arch: str, tmp_path: Path) -> None:
+    """One training forward has finite losses; the weights saved as a checkpoint predict through ``build``."""
     model.train()
     target = {
         "boxes": torch.tensor([[8.0, 8.0, 40.0, 30.0]]),
@@ -255,6 +253,27 @@ def test_resnet101_fpn_forward_and_checkpoint(tmp_path: Path) -> None:
     target["masks"][0, 8:30, 8:40] = 1
     losses = model([torch.rand(3, 64, 64)], [target])
     assert {"loss_classifier", "loss_mask"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
-    path = save_checkpoint(tmp_path / "r101.pt", CheckpointMeta("resnet101_fpn", ("a",), 64), model.state_dict())
+    path = save_checkpoint(tmp_path / f"{arch}.pt", CheckpointMeta(arch, ("a",), 64), model.state_dict())
     det = build(str(path), device="cpu", score_threshold=0.0, detections_per_img=5)
-    assert det.name.startswith("maskrcnn-resnet101_fpn") and len(det.detect([tile_image(0, 0)])) == 1
+    assert det.name.startswith(f"maskrcnn-{arch}") and len(det.detect([tile_image(0, 0)])) == 1
+
+
+def test_resnet101_fpn_forward_and_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet101_fpn", 1, 64, detections_per_img=5)
+    assert sum(p.numel() for p in model.backbone.body.parameters()) > 40_000_000  # ResNet-101, not 50
+    _train_step_and_round_trip(model, "resnet101_fpn", tmp_path)
+
+
+def test_resnet18_gn_fpn_normalises_each_image_alone_and_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18_gn_fpn", 1, 64, detections_per_img=5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) > 20  # backbone, FPN and mask head
+    model.train()
+    # In training, an image's features do not depend on the other images of its batch (they would with batch norm).
+    a, b = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64) * 0.2
+    alone = model.backbone(a)["0"]
+    together = model.backbone(torch.cat([a, b]))["0"][:1]
+    assert torch.allclose(alone, together, atol=1e-5)
+    _train_step_and_round_trip(model, "resnet18_gn_fpn", tmp_path)

@@ -4,7 +4,8 @@
 heads on ResNet-101, for ImageNet-initialised training), ``tiny_fpn`` (tests) and ``resnet18_fpn``, a
 CPU-friendly model for training from scratch (trainable ``BatchNorm2d``, because frozen batch norm
 without pretrained statistics is wrong from scratch; 128-channel FPN and mask head; anchors from 16 px
-because objects at 0.3 m are small). Converted Detectron2 models (:data:`IMPORTED_ARCHS`, from
+because objects at 0.3 m are small), and ``resnet18_gn_fpn``, the same with GroupNorm in the backbone,
+FPN and mask head. Converted Detectron2 models (:data:`IMPORTED_ARCHS`, from
 ``geomask import-model``) are built by :mod:`geomask.detect.d2_arch` from the checkpoint's
 ``arch_options``; they predict but are not trained here. The detector (:mod:`geomask.detect.maskrcnn`) and training
 (:mod:`geomask.detect.training`) build their models here.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ from geomask.detect.d2_arch import DETECTRON2_ARCHS, Detectron2Arch, build_detec
 from geomask.errors import DetectorError, WeightsError
 
 #: ``tiny_fpn`` is a few-hundred-thousand-parameter model for tests and demos: it learns simple shapes in seconds.
-ARCHS = ("resnet50_fpn", "resnet50_fpn_v2", "resnet101_fpn", "resnet18_fpn", "tiny_fpn")
+ARCHS = ("resnet50_fpn", "resnet50_fpn_v2", "resnet101_fpn", "resnet18_fpn", "resnet18_gn_fpn", "tiny_fpn")
 #: Architectures that predict but are not trained here: converted Detectron2 models (``geomask import-model``).
 IMPORTED_ARCHS = tuple(DETECTRON2_ARCHS.values())
 #: Names accepted as ``weights`` for torchvision's COCO weights (downloaded on first use when online).
@@ -77,6 +79,8 @@ def build_model(
         return _resnet101_fpn(common)
     if arch == "resnet18_fpn":
         return _resnet18_fpn(common, channels=128)
+    if arch == "resnet18_gn_fpn":
+        return _resnet18_fpn(common, channels=128, group_norm=True)
     if arch == "tiny_fpn":
         return _tiny_fpn(common)
     raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS)}")
@@ -95,11 +99,22 @@ def _resnet101_fpn(common: dict[str, Any]) -> MaskRCNN:
     return MaskRCNN(backbone, **common)
 
 
-def _resnet18_fpn(common: dict[str, Any], channels: int) -> MaskRCNN:
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups (Wu & He 2018): no batch statistics, so the same at any batch size and on any image."""
+    return nn.GroupNorm(32, channels)
+
+
+def _resnet18_fpn(common: dict[str, Any], channels: int, group_norm: bool = False) -> MaskRCNN:
+    """ResNet-18 + FPN; ``group_norm`` puts GroupNorm in the backbone, the FPN and the mask head.
+
+    GroupNorm is what He et al. ("Rethinking ImageNet Pre-training", 2019) train detectors from scratch
+    with: batch norm's running statistics are those of the training chips, and batches of 4 estimate them poorly.
+    """
     from torchvision.models import resnet18
 
-    body = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
-    return _light_maskrcnn(body, [64, 128, 256, 512], channels, 16, 512, 4, 1000, 256, common)
+    body = resnet18(weights=None, norm_layer=_group_norm if group_norm else nn.BatchNorm2d)
+    norm = _group_norm if group_norm else None
+    return _light_maskrcnn(body, [64, 128, 256, 512], channels, 16, 512, 4, 1000, 256, common, norm)
 
 
 def _tiny_fpn(common: dict[str, Any]) -> MaskRCNN:
@@ -129,6 +144,7 @@ def _light_maskrcnn(
     proposals: int,
     box_samples: int,
     common: dict[str, Any],
+    norm_layer: Callable[[int], nn.Module] | None = None,
 ) -> MaskRCNN:
     """Assemble a Mask R-CNN with narrow FPN and heads around a backbone with ``layer1..layer4``.
 
@@ -141,6 +157,7 @@ def _light_maskrcnn(
         in_channels_list=in_channels,
         out_channels=channels,
         extra_blocks=LastLevelMaxPool(),
+        norm_layer=norm_layer,
     )
     sizes = tuple((smallest_anchor_px * 2**k,) for k in range(5))
     anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * 5)
@@ -156,7 +173,7 @@ def _light_maskrcnn(
         box_head=TwoMLPHead(channels * 7 * 7, box_repr),
         box_predictor=FastRCNNPredictor(box_repr, num_classes),
         box_batch_size_per_image=box_samples,
-        mask_head=MaskRCNNHeads(channels, [channels] * mask_layers, 1),
+        mask_head=MaskRCNNHeads(channels, [channels] * mask_layers, 1, norm_layer=norm_layer),
         mask_predictor=MaskRCNNPredictor(channels, channels, num_classes),
         **common,
     )

@@ -74,7 +74,10 @@ def _check_output(output: Path, replace: bool) -> None:
 @click.option("--labels", "labels", multiple=True, required=True, help="Vector labels in any OGR format/CRS (repeatable).")
 @click.option("-o", "--output", required=True, help="Best checkpoint (.pt); OUTPUT.last.pt and OUTPUT.log.jsonl go beside it.")
 @config_option("YAML of training settings (keys of TrainSettings).")
-@click.option("--arch", help="resnet18_fpn (CPU-friendly, default), resnet50_fpn, resnet50_fpn_v2, resnet101_fpn, tiny_fpn.")
+@click.option(
+    "--arch",
+    help="resnet18_fpn (CPU-friendly, default), resnet18_gn_fpn (the same with GroupNorm), resnet50_fpn, resnet50_fpn_v2, resnet101_fpn, tiny_fpn.",
+)
 @click.option("--iterations", type=int, help="Optimiser steps in total.")
 @click.option("--epochs", type=int, help="Validation rounds; iterations = epochs x --val-every.")
 @click.option("--val-every", type=int, help="Iterations per epoch (validation and best checkpoint).")
