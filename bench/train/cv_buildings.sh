@@ -3,7 +3,8 @@
 # For each held-out city: train on the other three with the recipe (fixed schedule, --keep last, so no
 # checkpoint is picked on the held-out city), then score the held-out city the way a user would
 # (bench/train/eval_buildings.sh: `geomask predict` on the full GeoTIFFs + `geomask evaluate`).
-# Usage: RECIPE=name [FOLDS="area5 area1 area3 area4"] [ITERATIONS=400] bench/train/cv_buildings.sh [extra train args]
+# Usage: RECIPE=name [FOLDS="area5 area1 area3 area4"] [ITERATIONS=400] [SEED=0] bench/train/cv_buildings.sh [extra train args]
+# (extra args come last, so they override the fixed ones: e.g. --arch resnet18_gn_fpn, --batch-size 8)
 # Results: runs/cv/$RECIPE/$AREA/{model.pt,train.log,eval/scores.json}; summary: bench/train/cv_summary.py.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,7 +24,7 @@ for hold in $FOLDS; do
     .venv/bin/geomask train "${imgs[@]}" --labels "$DATA/*/labels_osm_buildings.geojson" \
       --val-images "$DATA/$hold/*.tif" -o "$out/model.pt" \
       --arch resnet18_fpn --gsd 0.3 --chip-size 256 --batch-size 4 --lr 1e-3 \
-      --iterations "${ITERATIONS:-400}" --val-every "${ITERATIONS:-400}" --threads 2 --device cpu --seed 0 \
+      --iterations "${ITERATIONS:-400}" --val-every "${ITERATIONS:-400}" --threads 2 --device cpu --seed "${SEED:-0}" \
       --keep last "${resume[@]}" "$@" >>"$out/train.log" 2>&1
     touch "$out/trained"
   fi
