@@ -1,12 +1,12 @@
 """Re-estimate a checkpoint's batch-norm statistics on unlabelled target imagery (AdaBN), for measuring.
 
-Usage: python bench/train/adapt_norm.py CKPT IMAGE.tif [IMAGE.tif ...] -o OUT.pt [--gsd 0.3] [--tile 256]
+Usage: python bench/train/adapt_norm.py CKPT IMAGE.tif [IMAGE.tif ...] -o OUT.pt
 
 Batch norm's running means and variances are the training cities' feature statistics; on a new city
 they are off (colour, roof material, light). AdaBN (Li et al., "Revisiting Batch Normalization For
 Practical Domain Adaptation", 2016) replaces them with the statistics of the target imagery itself —
 no labels, so a user could do it on their own image. This script does exactly that: every tile of the
-images (on the model's working grid, normalised as ``predict`` normalises them) goes through the model's
+images (side by side, at the checkpoint's tile size, on ``predict``'s working grid and normalisation) goes through the model's
 backbone with batch norm in training mode and a cumulative average (``momentum=None``); the weights are
 unchanged, only the ``running_mean``/``running_var`` buffers are replaced. The result is scored like any
 fold model (``bench/train/eval_buildings.sh OUT.pt``).
@@ -21,22 +21,19 @@ import torch
 from rasterio.windows import Window
 from torch import nn
 
+from geomask.config import Config
 from geomask.detect.architectures import build_model, load_weights
 from geomask.detect.checkpoint import load_checkpoint, save_checkpoint
-from geomask.normalize import compute_norm_stats
-from geomask.raster import RasterReader, inspect_raster, resolve_bands, working_grid
+from geomask.pipeline import DEFAULT_TILE_SIZE_PX, plan_raster, resolve_config
 
 
-def tiles(path: str, gsd: float, size: int) -> list[torch.Tensor]:
-    """Every full ``size``² tile of ``path`` on the ``gsd`` working grid, normalised like ``predict``."""
-    info = inspect_raster(path)
-    grid = working_grid(info, gsd)
-    bands = resolve_bands(info, None)
-    stats = compute_norm_stats(info, grid, bands, "auto", (2.0, 98.0), 16, 512)
+def tiles(path: str, config: Config, size: int) -> list[torch.Tensor]:
+    """Every full, mostly valid ``size``² tile of ``path`` side by side, read as ``predict`` reads them."""
+    plan = plan_raster(path, config)  # predict's working grid, bands and normalisation
     out = []
-    with RasterReader(info, grid, bands, stats) as reader:
-        for row in range(0, grid.height - size + 1, size):
-            for col in range(0, grid.width - size + 1, size):
+    with plan.reader() as reader:
+        for row in range(0, plan.grid.height - size + 1, size):
+            for col in range(0, plan.grid.width - size + 1, size):
                 pixels, valid = reader.read(Window(col, row, size, size))
                 if valid.mean() > 0.5:
                     out.append(torch.from_numpy(np.ascontiguousarray(pixels)))
@@ -48,29 +45,29 @@ def main() -> None:
     ap.add_argument("checkpoint")
     ap.add_argument("images", nargs="+")
     ap.add_argument("-o", "--output", required=True)
-    ap.add_argument("--gsd", type=float, default=0.3)
-    ap.add_argument("--tile", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8)
     args = ap.parse_args()
     ckpt = load_checkpoint(args.checkpoint)
     assert ckpt.meta is not None
-    model = build_model(ckpt.meta.arch, len(ckpt.meta.classes), args.tile)
-    load_weights(model, {k: v.float() for k, v in ckpt.state_dict.items()}, args.checkpoint, ckpt.meta.arch)
+    hints = ckpt.meta.hints()
+    size = hints.tile_size_px or DEFAULT_TILE_SIZE_PX
+    model = build_model(ckpt.meta.arch, len(ckpt.meta.classes), size)
+    load_weights(model, ckpt.state_dict, args.checkpoint, ckpt.meta.arch)  # cast to the model's float32
     model.eval()
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over every batch
         m.train()
-    batch = [t for p in args.images for t in tiles(p, args.gsd, args.tile)]
+    config = resolve_config(Config(), hints)
+    batch = [t for p in args.images for t in tiles(p, config, size)]
     torch.manual_seed(0)
     order = torch.randperm(len(batch)).tolist()
     with torch.no_grad():
         for i in range(0, len(order), args.batch):
             images, _ = model.transform([batch[j] for j in order[i : i + args.batch]])
             model.backbone(images.tensors)
-    state = {k: v for k, v in model.state_dict().items()}
-    save_checkpoint(args.output, ckpt.meta, state)
+    save_checkpoint(args.output, ckpt.meta, model.state_dict())
     print(f"{args.output}: batch-norm statistics of {len(norms)} layers from {len(batch)} tiles of {len(args.images)} images")
 
 
