@@ -21,6 +21,7 @@ from geomask.detect.maskrcnn import build, build_model
 from geomask.detect.training import TrainSettings, train
 from geomask.detect.training.augment import augment
 from geomask.detect.training.chips import ChipReader, chip_target, open_rasters
+from geomask.detect.training.trainer import autocast_dtype, native_bf16_cpu
 from geomask.detect.training.validation import match_f1, touches_edge
 from geomask.detect.training.weights import init_weights
 from geomask.errors import ConfigError, LabelError, WeightsError
@@ -188,6 +189,22 @@ def test_bad_settings_and_labels(tmp_path: Path) -> None:
         train([str(image)], [str(labels)], tmp_path / "m.pt", TrainSettings(arch="tiny_fpn"), val_images=[str(image)])
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_amp_auto_uses_bf16_only_where_the_cpu_has_it(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CPU's feature probes are the hardware boundary: both answers are exercised on any machine.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert native_bf16_cpu() is native
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    assert autocast_dtype(True, cpu) == torch.bfloat16  # forced: bf16 even where it is emulated
+    assert autocast_dtype(False, cpu) is None and autocast_dtype(False, cuda) is None
+    assert autocast_dtype("auto", cuda) == torch.float16 == autocast_dtype(True, cuda)
+    assert TrainSettings().amp == "auto" and TrainSettings(amp=True).amp is True
+    with pytest.raises(ConfigError, match="amp"):
+        TrainSettings(amp="fast")
+
+
 def test_resume_continues_where_it_stopped(tmp_path: Path) -> None:
     image, labels, _ = square_scene(tmp_path, "r", 5, size=160, n=6)
     short = SETTINGS.replace(iterations=4, val_every=2, log_every=1, batch_size=2, rois_per_image=32)
@@ -246,6 +263,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     defaults.write_text('{"score_threshold": 0.6, "tta": 4, "shape": "regularized"}')
     args = ["train", "--images", str(image), "--labels", str(labels), "-o", str(out), "--arch", "tiny_fpn", "--native-gsd"]
     main([*args, "--iterations", "2", "--val-every", "2", "--chip-size", "64", "--batch-size", "2", "--threads", "1", "--classes", "sq"])
+    first = load_checkpoint(out).meta
+    assert first is not None and first.training["precision"] == ("bfloat16" if native_bf16_cpu() else "float32")  # amp: auto
     main(
         [
             *args,
@@ -273,6 +292,8 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
             "0.05",
             "--inference-defaults",
             str(defaults),
+            "--amp",
+            "off",
             "--overwrite",  # onto the first run's checkpoint
         ]
     )
@@ -282,6 +303,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert ckpt.meta.training["command"].startswith("geomask train --images") and "--arch tiny_fpn" in ckpt.meta.training["command"]
     assert "--ema 0.9 --keep last" in ckpt.meta.training["command"] and json.loads(ckpt.meta.training["settings"])["ema_decay"] == 0.9
     assert ckpt.meta.inference == {"score_threshold": 0.6, "tta": 4, "shape": "regularized"}
+    assert ckpt.meta.training["precision"] == "float32" and json.loads(ckpt.meta.training["settings"])["amp"] is False
     assert json.loads(ckpt.meta.training["settings"])["copy_paste"] == 0.5 and "--copy-paste 0.5" in ckpt.meta.training["command"]
     trained = out.read_bytes()
     with pytest.raises(SystemExit) as exc:  # onto a model without --overwrite (or --resume): refused before training starts

@@ -101,6 +101,11 @@ def _check_output(output: Path, replace: bool) -> None:
 @click.option("--boxes", "boxes_as_ellipses", is_flag=True, default=None, help="Labels are boxes: train on the inscribed ellipse.")
 @device_option("auto, cpu, cuda, cuda:N.")
 @click.option("--threads", type=int, help="torch CPU threads.")
+@click.option(
+    "--amp",
+    type=click.Choice(["auto", "on", "off"]),
+    help="Mixed precision: auto (default: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32), on (force), off (fp32).",
+)
 @click.option("--max-minutes", type=float, help="Stop cleanly after this many minutes.")
 @click.option("--attribution", help="Credit for the training data (stored in the checkpoint).")
 @click.option("--seed", type=int, help="Random seed.")
@@ -148,6 +153,8 @@ def train(
     from geomask.detect.training import train as run_training
 
     values = _load_yaml(config_path)
+    if options.get("amp") is not None:
+        options["amp"] = {"auto": "auto", "on": True, "off": False}[options["amp"]]
     values.update({k: v for k, v in options.items() if v is not None})
     if native_gsd:
         values["gsd_m"] = None

@@ -43,7 +43,10 @@ class TrainSettings(BaseModel):
         checkpoint_every_s: Seconds between ``.last.pt`` checkpoints.
         max_minutes: Stop (cleanly, with checkpoints) after this long, even before ``iterations``.
         device: ``auto``, ``cpu``, ``cuda``...
-        amp: Mixed precision: float16 + grad scaling on CUDA, bfloat16 autocast on CPU.
+        amp: Mixed precision. ``auto``: float16 + grad scaling on CUDA; bfloat16 autocast on a CPU with
+            native bfloat16 (AVX-512 BF16 or AMX), else float32, because on other CPUs bf16 autocast is
+            emulated and was measured 15x slower than float32 (BENCHMARKS.md). ``true`` forces autocast
+            (bf16 on any CPU), ``false`` is float32 everywhere.
         threads: torch CPU threads (``None``: torch's default).
         seed: Random seed for chip sampling, augmentation and initialisation.
         init: Start from a geomask checkpoint path, ``coco``/``coco_v2`` (torchvision COCO, heads
@@ -100,7 +103,7 @@ class TrainSettings(BaseModel):
     checkpoint_every_s: float = 300.0
     max_minutes: float | None = None
     device: str = "auto"
-    amp: bool = True
+    amp: bool | Literal["auto"] = "auto"
     threads: int | None = None
     seed: int = 0
     init: str | None = None

@@ -114,6 +114,34 @@ def lr_factor(it: int, s: TrainSettings) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
 
 
+def native_bf16_cpu() -> bool:
+    """Return whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX tiles), as torch reports it.
+
+    Other x86 CPUs emulate bf16 matrix products, and autocast there was measured 15x slower than
+    float32 (AMD EPYC with AVX2 only, 2026-12-03, BENCHMARKS.md). torch's probes are private
+    (``torch.cpu._is_*_supported``); where a torch lacks them the answer is ``False``: float32 is
+    never the slow choice.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def autocast_dtype(amp: bool | str, device: torch.device) -> torch.dtype | None:
+    """Return the autocast dtype training uses for the ``amp`` setting on ``device``, or ``None`` (float32).
+
+    ``auto``: float16 on CUDA, bfloat16 on a CPU with native bf16 (:func:`native_bf16_cpu`), else float32.
+    ``True``: float16 on CUDA, bfloat16 on any other device. ``False``: float32.
+    """
+    if amp is False:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if amp == "auto" and not native_bf16_cpu():
+        log.info("amp: auto: this CPU has no native bfloat16 (AVX-512 BF16 or AMX), training in float32; amp: true forces bf16")
+        return None
+    return torch.bfloat16
+
+
 class Trainer:
     """One training run's state, advanced by :meth:`run`; checkpoints go to ``output`` and ``output.last.pt``.
 
@@ -132,8 +160,8 @@ class Trainer:
         self.model.to(self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-        cuda_amp = settings.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda") if cuda_amp else None
+        self.autocast_dtype = autocast_dtype(settings.amp, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
         self.reader = ChipReader(data.train, settings.chip_size_px, settings.min_area_px)
         self.sampler = ChipSampler(self.reader, settings, np.random.default_rng(settings.seed))  # and the mined spots
         self.ema: Ema | None = None
@@ -212,6 +240,7 @@ class Trainer:
                 "device": str(self.device),
                 "hardware": self.hardware,
                 "threads": torch.get_num_threads(),
+                "precision": str(self.autocast_dtype or torch.float32).removeprefix("torch."),
                 "images": [Path(p).name for p in self.data.train_paths],
                 "val_images": [Path(p).name for p in self.data.val_paths],
                 "settings": json.dumps(s.model_dump(mode="json")),
@@ -221,9 +250,9 @@ class Trainer:
         )
 
     def _autocast(self) -> AbstractContextManager[Any]:
-        if not self.settings.amp:
+        if self.autocast_dtype is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.float16 if self.device.type == "cuda" else torch.bfloat16)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def validate(self, val_chips: Sequence[Chip], it: int, seconds: float) -> dict[str, float]:
         """Score the validated weights, keep the best score, and write ``output`` as ``keep`` says."""
@@ -232,8 +261,9 @@ class Trainer:
             metrics = {"iteration": float(it)}
             save_checkpoint(self.output, self.meta(metrics, it, seconds), self.eval_model.state_dict())
             return metrics
+        amp = self.autocast_dtype is not None
         det = MaskRCNNDetector(
-            self.eval_model, list(self.data.classes), ModelHints(), "training", self.device, s.val_score_threshold, 0.5, s.amp
+            self.eval_model, list(self.data.classes), ModelHints(), "training", self.device, s.val_score_threshold, 0.5, amp
         )
         metrics = evaluate_chips(det, val_chips, s.batch_size)
         metrics["iteration"] = float(it)
