@@ -10,12 +10,14 @@ import torch
 from rasterio.windows import Window
 from torchvision.ops import box_iou
 
+from geomask.config import DEFAULT_DETECTOR
 from geomask.detect.base import Detector, ModelHints, TileImage, load_detector
 from geomask.detect.checkpoint import CheckpointMeta, save_checkpoint
 from geomask.detect.maskrcnn import ARCHS, MaskRCNNDetector, build, build_model
 from geomask.detect.tta import fuse_views
-from geomask.errors import DetectorError
+from geomask.errors import DetectorError, WeightsError
 from geomask.instances import Instance
+from geomask.models import bundled_model_path, detector_options
 from geomask.tiling import Tile
 
 TILE = 64
@@ -213,6 +215,63 @@ def test_tta_down_weights_an_object_seen_in_few_views() -> None:
     assert sorted(round(i.score, 6) for i in found) == [round(s / 4, 6) for s in (0.55, 0.7, 0.9)]
     det.score_threshold = 0.2  # a threshold above a quartered score drops that object
     assert [round(i.score, 6) for i in det.detect([image])[0]] == [round(0.9 / 4, 6)]
+
+
+def _blob(threshold: float, tta: int = 1, members: tuple[torch.nn.Module, ...] = ()) -> MaskRCNNDetector:
+    return MaskRCNNDetector(_BlobModel(), ("a",), ModelHints(), "blob", torch.device("cpu"), threshold, 0.5, False, tta, None, members)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tta", [1, 4])
+def test_an_ensemble_of_a_model_with_itself_equals_the_model(tta: int) -> None:
+    image = _blob_scene()
+    (a,), (b,) = _blob(0.5, tta).detect([image]), _blob(0.5, tta, (_BlobModel(), _BlobModel())).detect([image])
+    assert len(a) == 3 and _summary(a) == _summary(b)
+    for x, y in zip(sorted(a, key=lambda i: i.row_off), sorted(b, key=lambda i: i.row_off), strict=True):
+        assert (x.mask == y.mask).all()
+
+
+def test_an_ensemble_down_weights_what_only_some_members_see() -> None:
+    """The member sees only object 1 (top-left): objects 2 and 3 keep half their score, and 3 falls under 0.3."""
+    det = _blob(0.3, 1, (_BlobModel(quadrant=True),))
+    assert det.views == 2 and all(m.roi_heads.score_thresh == 0.15 for m in det.models)  # each keeps down to half
+    (found,) = det.detect([_blob_scene()])
+    assert sorted(round(i.score, 6) for i in found) == [0.35, 0.9]
+
+
+def test_build_an_ensemble_from_checkpoints(tmp_path: Path, detector: MaskRCNNDetector) -> None:
+    torch.manual_seed(1)  # another initialisation than the fixture's (seed 0)
+    main = save_checkpoint(tmp_path / "a.pt", CheckpointMeta("tiny_fpn", ("thing",), TILE), detector.model.state_dict())
+    other = save_checkpoint(tmp_path / "b.pt", CheckpointMeta("tiny_fpn", ("thing",), TILE), build_model("tiny_fpn", 1, TILE).state_dict())
+    opts = {"device": "cpu", "score_threshold": 0.0, "mask_threshold": 0.3, "detections_per_img": 50}
+    image = tile_image(64, 128, seed=3)
+    (alone,) = build(str(main), **opts).detect([image])  # type: ignore[arg-type]
+    twice = build(str(main), ensemble=[str(main)], **opts)  # type: ignore[arg-type]
+    assert twice.name.endswith("a.pt+1") and len(twice.members) == 1
+    assert _summary(twice.detect([image])[0]) == _summary(alone)
+    mixed = build(str(main), ensemble=str(other), **opts)  # type: ignore[arg-type]
+    assert _summary(mixed.detect([image])[0]) != _summary(alone)  # another model's votes change the result
+    for meta, needle in (
+        (CheckpointMeta("tiny_fpn", ("thing",), 32), "tile_size_px=32"),
+        (CheckpointMeta("tiny_fpn", ("thing",), TILE, gsd_m=0.3), "gsd_m=0.3"),
+    ):
+        bad = save_checkpoint(tmp_path / "bad.pt", meta, detector.model.state_dict())
+        with pytest.raises(WeightsError, match=f"ensemble member .*bad.pt was trained with {needle}"):
+            build(str(main), ensemble=[str(bad)], **opts)  # type: ignore[arg-type]
+    two = save_checkpoint(tmp_path / "two.pt", CheckpointMeta("tiny_fpn", ("x", "y"), TILE), build_model("tiny_fpn", 2, TILE).state_dict())
+    with pytest.raises(WeightsError, match="has 2 classes"):
+        build(str(main), ensemble=[str(two)], **opts)  # type: ignore[arg-type]
+
+
+def test_ensemble_members_are_paths_and_part_of_the_model_identity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rules = detector_options(DEFAULT_DETECTOR)
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    a.write_bytes(b"a")
+    b.write_bytes(b"b")
+    monkeypatch.chdir(tmp_path)  # the flags name files relative to here
+    options = rules.with_flags({}, {"weights": "a.pt", "ensemble": ["b.pt", "trees"]})
+    assert options == {"weights": str(a), "ensemble": [str(b), "trees"]}  # files made absolute, names kept
+    files = rules.model_files(options)
+    assert files[-2:] == [b, a] and bundled_model_path("trees") in files  # a shipped member by name counts too
 
 
 def test_fuse_views_votes_masks() -> None:

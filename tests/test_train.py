@@ -149,6 +149,24 @@ def test_checkpoint_inference_defaults_drive_predict_and_the_config_overrides_th
     assert plan.config.vectorize.min_area_m2 == 1.0 and min(f.geometry.area for f in more) < 60.0
 
 
+def test_predict_with_an_ensemble_from_the_command_line(trained: tuple[Path, Path, list[tuple[int, int, int]]], tmp_path: Path) -> None:
+    """``--ensemble`` of the model with a copy of itself writes the model's own polygons; the provenance names the ensemble."""
+    import pyogrio
+
+    from workflows.cli import main
+
+    model, image, _ = trained
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(model.read_bytes())
+    base = ["predict", str(image), "--weights", str(model), "--serial", "--no-preview"]
+    for name, extra in (("plain", []), ("pair", ["--ensemble", str(copy)])):
+        main([*base, *extra, "-o", str(tmp_path / f"{name}.gpkg")])
+    plain, pair = (pyogrio.read_dataframe(tmp_path / f"{n}.gpkg", layer="instances") for n in ("plain", "pair"))
+    assert len(plain) >= 5 and len(pair) == len(plain)
+    assert set(pair["model"]) == {f"maskrcnn-tiny_fpn:{model.name}+1"}
+    assert sorted(round(a, 3) for a in pair.geometry.area) == sorted(round(a, 3) for a in plain.geometry.area)
+
+
 def test_chips_and_targets(tmp_path: Path) -> None:
     image, labels, squares = square_scene(tmp_path, "s", 3, size=200, n=10)
     settings = TrainSettings(arch="tiny_fpn", chip_size_px=128, gsd_m=None)

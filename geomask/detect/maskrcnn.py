@@ -14,6 +14,12 @@ masks overlap by mask IoU ≥ 0.5; its mask is the mean probability of its membe
 score the sum of their scores over the number of views, so an object seen in few views is
 down-weighted and, below ``score_threshold``, dropped. Nadir imagery has no "up", so every view is a
 plausible image; the cost is ``tta`` forward passes per tile.
+
+An ensemble (``ensemble``: more checkpoints trained for the same inputs, e.g. the same recipe with other
+seeds) is fused the same way: every member's every view is one more view of the tile, so an object is
+kept on its mean score over all members and views. Models trained from scratch on little data differ
+from seed to seed by more than most recipe changes (MODEL_CARD.md); averaging members cancels part of
+that. The cost is one forward pass per member and view.
 """
 
 from __future__ import annotations
@@ -95,10 +101,12 @@ class MaskRCNNDetector:
         amp: bool = True,
         tta: int = 1,
         card: ModelCard | None = None,
+        members: Sequence[MaskRCNN] = (),
     ):
         _check_tta(tta)
         self.card = card or ModelCard()  # the checkpoint's stated accuracy, for the run report
         self.model = model.to(device).eval()
+        self.members = [m.to(device).eval() for m in members]  # ensemble members beside ``model``, fused with it
         self.classes = tuple(classes)
         self.hints = dataclasses.replace(hints, channels=3)  # torchvision's transform normalises 3 bands
         self.name = name
@@ -109,8 +117,19 @@ class MaskRCNNDetector:
         self.amp = amp and device.type == "cuda"
         # With views fused, an object is kept on its mean score; each view keeps candidates down to half the
         # threshold so that an object scoring just under it in one view still counts there.
-        self.model.roi_heads.score_thresh = score_threshold if tta == 1 else score_threshold / 2
+        for m in self.models:
+            m.roi_heads.score_thresh = score_threshold if self.views == 1 else score_threshold / 2
         self.tile_size_px = hints.tile_size_px or int(model.transform.max_size)
+
+    @property
+    def models(self) -> list[MaskRCNN]:
+        """The model, then the ensemble members."""
+        return [self.model, *self.members]
+
+    @property
+    def views(self) -> int:
+        """Forward passes per tile, all fused: test-time views times models."""
+        return self.tta * len(self.models)
 
     def detect(self, batch: Sequence[TileImage]) -> list[list[Instance]]:
         """Return the instances of each tile in ``batch`` in global working-grid pixels."""
@@ -129,17 +148,19 @@ class MaskRCNNDetector:
             if h != side or w != side:
                 t = torch.nn.functional.pad(t, (0, side - w, 0, side - h))
             tensors.append(t)
-        # Pixels in equal pixels out: with a square input of this side, torchvision's scale factor is exactly 1.
-        self.model.transform.min_size = (side,)
-        self.model.transform.max_size = side
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else nullcontext()
+        views: list[list[dict[str, torch.Tensor]]] = []  # per model and view: one output per tile, in the tile's orientation
         with torch.inference_mode(), autocast:
-            outputs = self.model(tensors)
-            if self.tta > 1:
-                views = [outputs]
+            for model in self.models:
+                # Pixels in equal pixels out: with a square input of this side, torchvision's scale factor is exactly 1.
+                model.transform.min_size = (side,)
+                model.transform.max_size = side
+                views.append(model(tensors))
                 for turns, flip in TTA_VIEWS[1 : self.tta]:
-                    seen = self.model([view_image(t, turns, flip) for t in tensors])
+                    seen = model([view_image(t, turns, flip) for t in tensors])
                     views.append([unview_output(o, turns, flip) for o in seen])
+            outputs = views[0]
+            if len(views) > 1:
                 limit = int(self.model.roi_heads.detections_per_img)
                 outputs = [fuse_views([v[i] for v in views], self.score_threshold, self.mask_threshold, limit) for i in range(len(tensors))]
         return [self._instances(out, image) for out, image in zip(outputs, batch, strict=True)]
@@ -196,6 +217,7 @@ def build(
     tile_size_px: int | None = None,
     nms_threshold: float | None = None,
     tta: int | None = None,
+    ensemble: str | Sequence[str] | None = None,
 ) -> MaskRCNNDetector:
     """Build the Mask R-CNN detector (factory ``geomask.detect.maskrcnn:build``).
 
@@ -216,6 +238,10 @@ def build(
             that rarely overlap (isolated crowns) to drop double detections of one object.
         tta: Test-time augmentation: 1 (off), 4 (flips) or 8 (flips and 90° rotations), fused per tile
             (see :func:`fuse_views`); costs ``tta`` forward passes per tile.
+        ensemble: More geomask checkpoints (paths or shipped names) run beside ``weights`` and fused with it
+            per tile like test-time views (each member also runs ``tta`` views). They must share the main
+            model's classes, tile size, GSD, bands and normalisation; their own inference defaults are
+            ignored (the main checkpoint's apply). Costs one forward pass per member and view.
 
     The five threshold/TTA options left ``None`` take the checkpoint's inference defaults (its
     ``inference`` metadata, the model card's settings), else :data:`DETECTOR_DEFAULTS`.
@@ -230,24 +256,8 @@ def build(
     if arch is not None and arch not in ARCHS + IMPORTED_ARCHS:
         raise DetectorError(f"unknown architecture {arch!r}; use one of {list(ARCHS + IMPORTED_ARCHS)}")
     dev = resolve_device(device)
-    meta: CheckpointMeta | None
-    if weights in COCO_WEIGHTS:
-        coco_arch, state, names = coco_state_dict(str(weights))
-        if arch is not None and arch != coco_arch:
-            raise WeightsError(f"weights {weights!r} are {coco_arch!r} but arch={arch!r} was asked for; drop arch or change it")
-        meta, source = None, f"torchvision {weights}"
-        ckpt = Checkpoint(None, state)
-        default_classes: Sequence[str] = names
-    else:
-        shipped = bundled_model_path(weights)
-        path = shipped if shipped is not None else Path(str(weights))
-        if shipped is not None and not path.is_file():
-            raise WeightsError(
-                f"no bundled model at {path}; pass weights (a checkpoint from `geomask train`, or 'coco' when online) via --weights"
-            )
-        ckpt = load_checkpoint(path)
-        meta, source = ckpt.meta, str(path)
-        default_classes = meta.classes if meta is not None else []
+    ckpt, source, default_classes = _load(weights, arch)
+    meta = ckpt.meta
     the_arch = _pick_arch(arch, meta, source)
     n = ckpt.num_classes
     if n is None:
@@ -268,15 +278,72 @@ def build(
     model = build_model(the_arch, n, tile, int(opts["detections_per_img"]), meta.arch_options if meta is not None else None)
     model.roi_heads.nms_thresh = float(opts["nms_threshold"])
     load_weights(model, ckpt.state_dict, source, the_arch)
+    members = [_member(m, meta, n, tile, opts, source) for m in ([ensemble] if isinstance(ensemble, str) else list(ensemble or ()))]
     hints = meta.hints() if meta is not None else ModelHints()
     if tile_size_px is not None:
         hints = dataclasses.replace(hints, tile_size_px=tile_size_px)
     name = f"maskrcnn-{the_arch}:{Path(source).name if weights not in COCO_WEIGHTS else weights}"
+    if members:
+        name += f"+{len(members)}"  # the provenance names an ensemble's main model and how many members joined it
     log.info("loaded %s (%d classes) on %s", name, n, dev)
     card = ModelCard(meta.metrics, f"the checkpoint's metrics ({source})", meta.attribution) if meta is not None else None
     return MaskRCNNDetector(
-        model, names_out, hints, name, dev, float(opts["score_threshold"]), float(opts["mask_threshold"]), amp, int(opts["tta"]), card
+        model,
+        names_out,
+        hints,
+        name,
+        dev,
+        float(opts["score_threshold"]),
+        float(opts["mask_threshold"]),
+        amp,
+        int(opts["tta"]),
+        card,
+        members,
     )
+
+
+def _load(weights: str | None, arch: str | None) -> tuple[Checkpoint, str, Sequence[str]]:
+    """Return the checkpoint ``weights`` names, where it came from, and its class names."""
+    if weights in COCO_WEIGHTS:
+        coco_arch, state, names = coco_state_dict(str(weights))
+        if arch is not None and arch != coco_arch:
+            raise WeightsError(f"weights {weights!r} are {coco_arch!r} but arch={arch!r} was asked for; drop arch or change it")
+        return Checkpoint(None, state), f"torchvision {weights}", names
+    shipped = bundled_model_path(weights)
+    path = shipped if shipped is not None else Path(str(weights))
+    if shipped is not None and not path.is_file():
+        raise WeightsError(
+            f"no bundled model at {path}; pass weights (a checkpoint from `geomask train`, or 'coco' when online) via --weights"
+        )
+    ckpt = load_checkpoint(path)
+    return ckpt, str(path), ckpt.meta.classes if ckpt.meta is not None else []
+
+
+#: What ensemble members must share with the main model: the same pixels must mean the same to each.
+_SHARED_HINTS = ("tile_size_px", "gsd_m", "bands", "normalize_mode", "percentiles")
+
+
+def _member(weights: str, main: CheckpointMeta | None, n: int, tile: int, opts: dict[str, float | int], main_source: str) -> MaskRCNN:
+    """Build one ensemble member: a geomask checkpoint for the same classes, grid and normalisation as the main model."""
+    ckpt, source, _ = _load(weights, None)
+    meta = ckpt.meta
+    if meta is None or main is None:
+        raise WeightsError(f"ensemble member {source}: ensembles need geomask checkpoints on both sides (they say grid and normalisation)")
+    if ckpt.num_classes != n:
+        raise WeightsError(
+            f"ensemble member {source} has {ckpt.num_classes} classes, {main_source} {n}; ensemble models of the same classes"
+        )
+    for key in _SHARED_HINTS:
+        if getattr(meta, key) != getattr(main, key):
+            raise WeightsError(
+                f"ensemble member {source} was trained with {key}={getattr(meta, key)!r}, {main_source} with "
+                f"{getattr(main, key)!r}; ensemble models trained on the same grid and normalisation"
+            )
+    the_arch = _pick_arch(None, meta, source)
+    model = build_model(the_arch, n, tile, int(opts["detections_per_img"]), meta.arch_options)
+    model.roi_heads.nms_thresh = float(opts["nms_threshold"])
+    load_weights(model, ckpt.state_dict, source, the_arch)
+    return model
 
 
 def _pick_arch(arch: str | None, meta: CheckpointMeta | None, source: str) -> str:

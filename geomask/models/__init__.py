@@ -62,19 +62,35 @@ class DetectorOptions:
             raise DetectorError(f"{flags} apply to the built-in detector only; pass options to yours in the config")
         out = dict(options)
         for key, value in given.items():
-            out[key] = str(Path(value).resolve()) if key in self.path_flags and Path(value).is_file() else value
+            if key not in self.path_flags:
+                out[key] = value
+            elif isinstance(value, list | tuple):  # a repeatable flag: each path on its own
+                out[key] = [_absolute(v) for v in value]
+            else:
+                out[key] = _absolute(value)
         return out
 
     def model_files(self, options: Mapping[str, Any]) -> list[Path]:
-        """Return the files whose content identifies the model: those implied, then every option naming a file."""
-        named = [Path(v) for _, v in sorted(options.items()) if isinstance(v, str | os.PathLike) and Path(v).is_file()]
+        """Return the files whose content identifies the model: those implied, then every option naming a file.
+
+        An option holding a list (an ensemble's members) names each of its files, in order.
+        """
+        values = [v for _, value in sorted(options.items()) for v in (value if isinstance(value, list | tuple) else [value])]
+        named = [Path(v) for v in values if isinstance(v, str | os.PathLike) and Path(v).is_file()]
         return [p for p in self.implied_files(options) if p.is_file()] + named
+
+
+def _absolute(value: Any) -> Any:
+    """Return ``value`` as an absolute path when it names a file (workers may run elsewhere), else unchanged."""
+    return str(Path(value).resolve()) if isinstance(value, str | os.PathLike) and Path(value).is_file() else value
 
 
 def _maskrcnn_files(options: Mapping[str, Any]) -> list[Path]:
     # A shipped model is named, not given as a path: a new release may ship new weights under that name.
     shipped = bundled_model_path(options.get("weights"))
-    return [shipped] if shipped is not None else []
+    members = options.get("ensemble") or []
+    named = [bundled_model_path(m) for m in ([members] if isinstance(members, str) else members) if isinstance(m, str)]
+    return ([shipped] if shipped is not None else []) + [p for p in named if p is not None]
 
 
 #: The ONNX Runtime detector (torch-free): what the built-in detector's factory becomes for ``.onnx`` weights.
@@ -82,7 +98,7 @@ ONNX_DETECTOR = "geomask.detect.onnxrt:build"
 
 #: The option rules of detectors geomask ships; a detector not listed gets the generic rules.
 DETECTORS: dict[str, DetectorOptions] = {
-    DEFAULT_DETECTOR: DetectorOptions(frozenset({"weights", "device"}), frozenset({"weights"}), _maskrcnn_files),
+    DEFAULT_DETECTOR: DetectorOptions(frozenset({"weights", "device", "ensemble"}), frozenset({"weights", "ensemble"}), _maskrcnn_files),
     ONNX_DETECTOR: DetectorOptions(frozenset({"weights", "device"}), frozenset({"weights"})),
 }
 

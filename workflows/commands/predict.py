@@ -47,6 +47,11 @@ log = logging.getLogger("geomask")
 )
 @config_option("YAML config (see configs/).")
 @click.option("--weights", help="Model checkpoint (.pt) for the built-in Mask R-CNN; default: the bundled model.")
+@click.option(
+    "--ensemble",
+    multiple=True,
+    help="Another checkpoint run beside --weights and fused with it per tile (repeatable; detector.options.ensemble).",
+)
 @click.option("--detector", help="Detector factory 'package.module:callable' (default: the built-in Mask R-CNN).")
 @click.option("--tile-size", type=int, help="Tile size in pixels (tiling.size_px).")
 @click.option("--overlap", type=int, help="Tile overlap in pixels (tiling.overlap_px).")
@@ -96,6 +101,7 @@ def predict(
     output: str,
     config_path: str | None,
     weights: str | None,
+    ensemble: tuple[str, ...],
     detector: str | None,
     tile_size: int | None,
     overlap: int | None,
@@ -137,7 +143,7 @@ def predict(
     )
     if overlap is not None:  # in pixels, replacing an overlap in metres from the config
         cfg = merge_overrides(cfg, {"tiling.overlap_px": overlap, "tiling.overlap_m": None})
-    cfg = _with_detector_options(cfg, weights, device)
+    cfg = _with_detector_options(cfg, weights, device, list(ensemble) or None)
     paths = expand_inputs(inputs, asset)
     # Outputs are checked before anything runs; those a resumed --run-dir wrote itself may be replaced.
     owned: frozenset[Path] = frozenset()
@@ -238,9 +244,10 @@ def _preview(output: Path, image: Path | None) -> None:
         log.warning("no preview for %s: %s", output, first_line(err, with_type=True))
 
 
-def _with_detector_options(cfg: Config, weights: str | None, device: str | None) -> Config:
+def _with_detector_options(cfg: Config, weights: str | None, device: str | None, ensemble: list[str] | None = None) -> Config:
     # Which flags a detector takes, and which are paths, is the detector's rule (geomask.models).
-    options = detector_options(cfg.detector.factory).with_flags(cfg.detector.options, {"weights": weights, "device": device})
+    given = {"weights": weights, "device": device, "ensemble": ensemble}
+    options = detector_options(cfg.detector.factory).with_flags(cfg.detector.options, given)
     return merge_overrides(cfg, {"detector.options": options})
 
 
