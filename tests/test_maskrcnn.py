@@ -17,7 +17,7 @@ from geomask.detect.maskrcnn import ARCHS, MaskRCNNDetector, build, build_model
 from geomask.detect.tta import fuse_views
 from geomask.errors import DetectorError, WeightsError
 from geomask.instances import Instance
-from geomask.models import bundled_model_path, detector_options
+from geomask.models import bundled_model_path, detector_options, resolve_factory
 from geomask.tiling import Tile
 
 TILE = 64
@@ -272,6 +272,8 @@ def test_ensemble_members_are_paths_and_part_of_the_model_identity(tmp_path: Pat
     assert options == {"weights": str(a), "ensemble": [str(b), "trees"]}  # files made absolute, names kept
     files = rules.model_files(options)
     assert files[-2:] == [b, a] and bundled_model_path("trees") in files  # a shipped member by name counts too
+    with pytest.raises(DetectorError, match="ONNX weights run alone"):
+        resolve_factory(DEFAULT_DETECTOR, {"weights": "m.onnx", "ensemble": [str(b)]})
 
 
 def test_fuse_views_votes_masks() -> None:

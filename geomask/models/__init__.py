@@ -108,9 +108,14 @@ def resolve_factory(factory: str, options: Mapping[str, Any]) -> str:
 
     The choice is made here, before anything is imported, so that ``--weights model.onnx`` never
     imports the torch detector's module (and torch with it).
+
+    Raises:
+        DetectorError: ``.onnx`` weights with ensemble members (the ONNX detector runs one model).
     """
     weights = options.get("weights")
     if factory == DEFAULT_DETECTOR and isinstance(weights, str | os.PathLike) and str(weights).lower().endswith(".onnx"):
+        if options.get("ensemble"):
+            raise DetectorError("ensembles run .pt checkpoints; ONNX weights run alone: drop --ensemble or pass the .pt weights")
         return ONNX_DETECTOR
     return factory
 
