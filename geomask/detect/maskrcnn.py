@@ -50,7 +50,7 @@ from geomask.detect.masks import instances_from_masks
 from geomask.detect.tta import TTA_CHOICES, TTA_VIEWS, fuse_views, unview_output, view_image
 from geomask.errors import DetectorError, WeightsError
 from geomask.instances import Instance
-from geomask.models import bundled_model_path
+from geomask.models import as_list, bundled_model_path
 
 __all__ = [
     "ARCHS",
@@ -275,10 +275,8 @@ def build(
         _check_options(**opts, tile_size_px=tile_size_px)
         log.info("%s: inference defaults %s (options given override them)", source, carried)
     tile = tile_size_px or (meta.tile_size_px if meta is not None else DEFAULT_TILE_SIZE_PX)
-    model = build_model(the_arch, n, tile, int(opts["detections_per_img"]), meta.arch_options if meta is not None else None)
-    model.roi_heads.nms_thresh = float(opts["nms_threshold"])
-    load_weights(model, ckpt.state_dict, source, the_arch)
-    members = [_member(m, meta, n, tile, opts, source) for m in ([ensemble] if isinstance(ensemble, str) else list(ensemble or ()))]
+    model = _loaded_model(the_arch, n, tile, opts, ckpt, source)
+    members = [_member(m, meta, n, tile, opts, source) for m in as_list(ensemble)]
     hints = meta.hints() if meta is not None else ModelHints()
     if tile_size_px is not None:
         hints = dataclasses.replace(hints, tile_size_px=tile_size_px)
@@ -339,10 +337,14 @@ def _member(weights: str, main: CheckpointMeta | None, n: int, tile: int, opts: 
                 f"ensemble member {source} was trained with {key}={getattr(meta, key)!r}, {main_source} with "
                 f"{getattr(main, key)!r}; ensemble models trained on the same grid and normalisation"
             )
-    the_arch = _pick_arch(None, meta, source)
-    model = build_model(the_arch, n, tile, int(opts["detections_per_img"]), meta.arch_options)
+    return _loaded_model(_pick_arch(None, meta, source), n, tile, opts, ckpt, source)
+
+
+def _loaded_model(arch: str, n: int, tile: int, opts: dict[str, float | int], ckpt: Checkpoint, source: str) -> MaskRCNN:
+    """Build ``arch`` for ``n`` classes with the detector options (detections per tile, NMS) and load ``ckpt`` into it."""
+    model = build_model(arch, n, tile, int(opts["detections_per_img"]), ckpt.meta.arch_options if ckpt.meta is not None else None)
     model.roi_heads.nms_thresh = float(opts["nms_threshold"])
-    load_weights(model, ckpt.state_dict, source, the_arch)
+    load_weights(model, ckpt.state_dict, source, arch)
     return model
 
 

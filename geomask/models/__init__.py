@@ -75,9 +75,16 @@ class DetectorOptions:
 
         An option holding a list (an ensemble's members) names each of its files, in order.
         """
-        values = [v for _, value in sorted(options.items()) for v in (value if isinstance(value, list | tuple) else [value])]
+        values = [v for _, value in sorted(options.items()) for v in as_list(value)]
         named = [Path(v) for v in values if isinstance(v, str | os.PathLike) and Path(v).is_file()]
         return [p for p in self.implied_files(options) if p.is_file()] + named
+
+
+def as_list(value: Any) -> list[Any]:
+    """Return an option that takes one value or several (``ensemble``) as a list: ``None`` → ``[]``, a scalar → ``[it]``."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _absolute(value: Any) -> Any:
@@ -88,8 +95,7 @@ def _absolute(value: Any) -> Any:
 def _maskrcnn_files(options: Mapping[str, Any]) -> list[Path]:
     # A shipped model is named, not given as a path: a new release may ship new weights under that name.
     shipped = bundled_model_path(options.get("weights"))
-    members = options.get("ensemble") or []
-    named = [bundled_model_path(m) for m in ([members] if isinstance(members, str) else members) if isinstance(m, str)]
+    named = [bundled_model_path(m) for m in as_list(options.get("ensemble")) if isinstance(m, str)]
     return ([shipped] if shipped is not None else []) + [p for p in named if p is not None]
 
 
