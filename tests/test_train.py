@@ -149,17 +149,24 @@ def test_checkpoint_inference_defaults_drive_predict_and_the_config_overrides_th
     assert plan.config.vectorize.min_area_m2 == 1.0 and min(f.geometry.area for f in more) < 60.0
 
 
-def test_predict_with_an_ensemble_from_the_command_line(trained: tuple[Path, Path, list[tuple[int, int, int]]], tmp_path: Path) -> None:
-    """``--ensemble`` of the model with a copy of itself writes the model's own polygons; the provenance names the ensemble."""
+@pytest.mark.parametrize("mode", [["--serial"], ["--workers", "1"]], ids=["serial", "dask"])
+def test_predict_with_an_ensemble_from_the_command_line(
+    trained: tuple[Path, Path, list[tuple[int, int, int]]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: list[str]
+) -> None:
+    """``--ensemble`` of the model with a copy of itself writes the model's own polygons; the provenance names the ensemble.
+
+    Through a Dask cluster too, with the member given as a path relative to the working directory: the worker
+    processes build the ensemble from the resolved path and hash the member file into the provenance.
+    """
     import pyogrio
 
     from workflows.cli import main
 
     model, image, _ = trained
-    copy = tmp_path / "copy.pt"
-    copy.write_bytes(model.read_bytes())
-    base = ["predict", str(image), "--weights", str(model), "--serial", "--no-preview"]
-    for name, extra in (("plain", []), ("pair", ["--ensemble", str(copy)])):
+    (tmp_path / "copy.pt").write_bytes(model.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    base = ["predict", str(image), "--weights", str(model), *mode, "--no-preview"]
+    for name, extra in (("plain", []), ("pair", ["--ensemble", "copy.pt"])):
         main([*base, *extra, "-o", str(tmp_path / f"{name}.gpkg")])
     plain, pair = (pyogrio.read_dataframe(tmp_path / f"{n}.gpkg", layer="instances") for n in ("plain", "pair"))
     assert len(plain) >= 5 and len(pair) == len(plain)

@@ -1,7 +1,7 @@
 """Inference settings chosen by cross-validation: score threshold, minimum area and TTA over CV folds.
 
 Usage: python bench/train/cv_sweep.py RECIPE [--thresholds 0.5 0.7] [--tta 1 4] [--config configs/buildings.yaml]
-                                      [--folds area1 ...] [--root runs/cv]
+                                      [--ensemble RECIPE2 ...] [--folds area1 ...] [--root runs/cv]
 
 For each fold of a leave-one-city-out run (``bench/train/cv_buildings.sh``: ``ROOT/RECIPE/AREA/model.pt``,
 trained without the held-out city), predicts the held-out city's full GeoTIFFs once per score threshold and
@@ -13,6 +13,14 @@ exact: the minimum area is the last filter). The setting with the best **mean F1
 to ship in the checkpoint's inference defaults; that mean is the cross-validation estimate for the choice
 (optimistic by the choice among a small grid, which the card says). Predictions are kept per setting, so a
 rerun only predicts what is new. Writes ``ROOT/RECIPE/sweep_CONFIG.json`` and prints a Markdown table.
+
+``--ensemble RECIPE2 ...`` scores, per fold, RECIPE's fold model fused per tile with the same fold's models of
+the other recipes (``detector.options.ensemble``; e.g. one recipe's seeds): every member is trained without
+the held-out city, so nothing is chosen on it. Results go to ``ROOT/RECIPE+RECIPE2.../``.
+
+The best mean is optimistic by the choice itself, so the last line gives the **nested** estimate: each fold
+scored at the setting with the best mean over the *other* folds (the fold never picks its own setting) — the
+honest number for "choose the setting by cross-validation, then use it at a new city".
 """
 
 from __future__ import annotations
@@ -40,11 +48,13 @@ def cat(paths: list[Path]) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(pd.concat([f.to_crs(frames[0].crs) for f in frames], ignore_index=True), crs=frames[0].crs)
 
 
-def predict_fold(model: Path, area_dir: Path, out: Path, config: Path, tta: int, threshold: float) -> gpd.GeoDataFrame:
+def predict_fold(model: Path, area_dir: Path, out: Path, config: Path, tta: int, threshold: float, members: list[Path]) -> gpd.GeoDataFrame:
     out.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load(config.read_text()) or {}
     options = cfg.setdefault("detector", {}).setdefault("options", {})
     options.update(score_threshold=threshold, tta=tta)
+    if members:
+        options["ensemble"] = [str(m.resolve()) for m in members]
     cfg.setdefault("vectorize", {})["min_area_m2"] = 0.0
     cfg_path = out / "sweep_config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
@@ -68,34 +78,49 @@ def main() -> None:
     ap.add_argument("--tta", type=int, nargs="+", default=[1])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--folds", nargs="+", default=list(AREAS))
+    ap.add_argument("--ensemble", nargs="+", default=[], metavar="RECIPE", help="Fuse with these recipes' fold models.")
     args = ap.parse_args()
+    name = "+".join([args.recipe, *args.ensemble])
     results: dict[str, dict[str, float]] = {}
     for area in args.folds:
-        model = args.root / args.recipe / area / "model.pt"
-        if not model.is_file():
-            print(f"{area}: no model, skipped")
+        model, *members = (args.root / r / area / "model.pt" for r in [args.recipe, *args.ensemble])
+        if not all(m.is_file() for m in [model, *members]):
+            print(f"{area}: a fold model is missing, skipped")
             continue
         data = args.data / area
         blocks = sorted(p.stem for p in data.glob("*.tif"))
         truth = cat([data / f"{b}_labels_within.geojson" for b in blocks])
         ignore = cat([data / f"{b}_labels_edge.geojson" for b in blocks])
         for tta, t in itertools.product(args.tta, args.thresholds):
-            out = args.root / args.recipe / area / f"sweep_{args.config.stem}_tta{tta}_score{t:g}"
-            pred = predict_fold(model, data, out, args.config, tta, t)
+            out = args.root / name / area / f"sweep_{args.config.stem}_tta{tta}_score{t:g}"
+            pred = predict_fold(model, data, out, args.config, tta, t, members)
             for a in MIN_AREAS:
                 kept = pred[pred["area_m2"] >= a]
                 ev = evaluate_frames(kept, truth, ignore=ignore, iou_threshold=0.5, compute_ap=False).overall
-                name = f"{args.config.stem}, tta {tta}, score {t:g}, min area {a:g}"
-                results.setdefault(name, {})[area] = ev.f1 or 0.0
+                setting = f"{args.config.stem}, tta {tta}, score {t:g}, min area {a:g}"
+                results.setdefault(setting, {})[area] = ev.f1 or 0.0
     folds = [a for a in args.folds if all(a in r for r in results.values())]
     rows = sorted(results.items(), key=lambda kv: -statistics.mean(kv[1][a] for a in folds))
     print("| setting | " + " | ".join(folds) + " | mean F1 |")
     print("| --- |" + " ---: |" * (len(folds) + 1))
-    for name, f1 in rows[:12]:
-        print(f"| {name} | " + " | ".join(f"{f1[a]:.3f}" for a in folds) + f" | {statistics.mean(f1[a] for a in folds):.3f} |")
-    path = args.root / args.recipe / f"sweep_{args.config.stem}.json"
+    for setting, f1 in rows[:12]:
+        print(f"| {setting} | " + " | ".join(f"{f1[a]:.3f}" for a in folds) + f" | {statistics.mean(f1[a] for a in folds):.3f} |")
+    if len(folds) > 1:
+        print(nested(results, folds))
+    path = args.root / name / f"sweep_{args.config.stem}.json"
     old = json.loads(path.read_text())["f1"] if path.is_file() else {}
     path.write_text(json.dumps({"folds": folds, "f1": {**old, **results}}, indent=2))
+
+
+def nested(results: dict[str, dict[str, float]], folds: list[str]) -> str:
+    """Each fold scored at the setting with the best mean F1 over the other folds, as one Markdown row."""
+    cells, f1s = [], []
+    for fold in folds:
+        others = [f for f in folds if f != fold]
+        chosen = max(results, key=lambda s: statistics.mean(results[s][f] for f in others))
+        f1s.append(results[chosen][fold])
+        cells.append(f"{results[chosen][fold]:.3f} ({chosen.split(', ', 1)[1]})")
+    return "| nested: each fold at the setting best on the others | " + " | ".join(cells) + f" | {statistics.mean(f1s):.3f} |"
 
 
 if __name__ == "__main__":
