@@ -108,8 +108,10 @@ def main() -> None:
     if len(folds) > 1:
         print(nested(results, folds))
     path = args.root / name / f"sweep_{args.config.stem}.json"
-    old = json.loads(path.read_text())["f1"] if path.is_file() else {}
-    path.write_text(json.dumps({"folds": folds, "f1": {**old, **results}}, indent=2))
+    merged: dict[str, dict[str, float]] = json.loads(path.read_text())["f1"] if path.is_file() else {}
+    for setting, per_fold in results.items():  # a run over some folds keeps the other folds' scores
+        merged.setdefault(setting, {}).update(per_fold)
+    path.write_text(json.dumps({"folds": sorted({f for r in merged.values() for f in r}), "f1": merged}, indent=2))
 
 
 def nested(results: dict[str, dict[str, float]], folds: list[str]) -> str:
