@@ -1,6 +1,7 @@
 """Inference settings chosen by cross-validation: score threshold, minimum area and TTA over CV folds.
 
 Usage: python bench/train/cv_sweep.py RECIPE [--thresholds 0.5 0.7] [--tta 1 4] [--config configs/buildings.yaml]
+                                      [--mask-thresholds 0.4 0.5] [--nms-thresholds 0.3 0.5]
                                       [--ensemble RECIPE2 ...] [--folds area1 ...] [--root runs/cv]
 
 For each fold of a leave-one-city-out run (``bench/train/cv_buildings.sh``: ``ROOT/RECIPE/AREA/model.pt``,
@@ -9,7 +10,8 @@ TTA setting with the config (the threshold set in the config, not applied afterw
 from a run at a lower threshold is NOT the same, because the merge has already grouped the low-scoring
 fragments with their neighbours and the detector's per-tile cap counted them — measured here, it cost up
 to 0.08 F1 on a fold), then scores each with every minimum area of the grid (applied afterwards, which is
-exact: the minimum area is the last filter). The setting with the best **mean F1 over the folds** is the one
+exact: the minimum area is the last filter). ``--mask-thresholds`` / ``--nms-thresholds`` add the mask
+probability and the box NMS IoU to the grid (without them, the checkpoint's own). The setting with the best **mean F1 over the folds** is the one
 to ship in the checkpoint's inference defaults; that mean is the cross-validation estimate for the choice
 (optimistic by the choice among a small grid, which the card says). Predictions are kept per setting, so a
 rerun only predicts what is new. Writes ``ROOT/RECIPE/sweep_CONFIG.json`` and prints a Markdown table.
@@ -48,11 +50,13 @@ def cat(paths: list[Path]) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(pd.concat([f.to_crs(frames[0].crs) for f in frames], ignore_index=True), crs=frames[0].crs)
 
 
-def predict_fold(model: Path, area_dir: Path, out: Path, config: Path, tta: int, threshold: float, members: list[Path]) -> gpd.GeoDataFrame:
+def predict_fold(
+    model: Path, area_dir: Path, out: Path, config: Path, options_set: dict[str, float], members: list[Path]
+) -> gpd.GeoDataFrame:
     out.mkdir(parents=True, exist_ok=True)
     cfg = yaml.safe_load(config.read_text()) or {}
     options = cfg.setdefault("detector", {}).setdefault("options", {})
-    options.update(score_threshold=threshold, tta=tta)
+    options.update(options_set)
     if members:
         options["ensemble"] = [str(m.resolve()) for m in members]
     cfg.setdefault("vectorize", {})["min_area_m2"] = 0.0
@@ -77,6 +81,8 @@ def main() -> None:
     ap.add_argument("--config", type=Path, default=Path("configs/buildings.yaml"))
     ap.add_argument("--tta", type=int, nargs="+", default=[1])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.7])
+    ap.add_argument("--mask-thresholds", type=float, nargs="+", default=[None])
+    ap.add_argument("--nms-thresholds", type=float, nargs="+", default=[None])
     ap.add_argument("--folds", nargs="+", default=list(AREAS))
     ap.add_argument("--ensemble", nargs="+", default=[], metavar="RECIPE", help="Fuse with these recipes' fold models.")
     args = ap.parse_args()
@@ -91,13 +97,18 @@ def main() -> None:
         blocks = sorted(p.stem for p in data.glob("*.tif"))
         truth = cat([data / f"{b}_labels_within.geojson" for b in blocks])
         ignore = cat([data / f"{b}_labels_edge.geojson" for b in blocks])
-        for tta, t in itertools.product(args.tta, args.thresholds):
-            out = args.root / name / area / f"sweep_{args.config.stem}_tta{tta}_score{t:g}"
-            pred = predict_fold(model, data, out, args.config, tta, t, members)
+        for tta, t, mask, nms in itertools.product(args.tta, args.thresholds, args.mask_thresholds, args.nms_thresholds):
+            opts: dict[str, float] = {"score_threshold": t, "tta": tta}
+            tag, label = f"tta{tta}_score{t:g}", f"tta {tta}, score {t:g}"
+            if mask is not None:
+                opts["mask_threshold"], tag, label = mask, f"{tag}_mask{mask:g}", f"{label}, mask {mask:g}"
+            if nms is not None:
+                opts["nms_threshold"], tag, label = nms, f"{tag}_nms{nms:g}", f"{label}, nms {nms:g}"
+            pred = predict_fold(model, data, args.root / name / area / f"sweep_{args.config.stem}_{tag}", args.config, opts, members)
             for a in MIN_AREAS:
                 kept = pred[pred["area_m2"] >= a]
                 ev = evaluate_frames(kept, truth, ignore=ignore, iou_threshold=0.5, compute_ap=False).overall
-                setting = f"{args.config.stem}, tta {tta}, score {t:g}, min area {a:g}"
+                setting = f"{args.config.stem}, {label}, min area {a:g}"
                 results.setdefault(setting, {})[area] = ev.f1 or 0.0
     folds = [a for a in args.folds if all(a in r for r in results.values())]
     rows = sorted(results.items(), key=lambda kv: -statistics.mean(kv[1][a] for a in folds))
