@@ -46,7 +46,7 @@ MIN_AREAS = (0.0, 4.0, 10.0)
 
 
 def cat(paths: list[Path]) -> gpd.GeoDataFrame:
-    frames = [gpd.read_file(p) for p in paths]
+    frames = [gpd.read_file(p, layer="instances" if p.suffix == ".gpkg" else None) for p in paths]  # our GeoPackages also hold layer_styles
     return gpd.GeoDataFrame(pd.concat([f.to_crs(frames[0].crs) for f in frames], ignore_index=True), crs=frames[0].crs)
 
 
