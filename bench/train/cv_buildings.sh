@@ -4,6 +4,8 @@
 # checkpoint is picked on the held-out city), then score the held-out city the way a user would
 # (bench/train/eval_buildings.sh: `geomask predict` on the full GeoTIFFs + `geomask evaluate`).
 # Usage: RECIPE=name [FOLDS="area5 area1 area3 area4"] [ITERATIONS=400] [SEED=0] bench/train/cv_buildings.sh [extra train args]
+# EVAL_CONFIG=bench/train/eval_shipped.yaml scores each fold with the shipped model's NMS and minimum area (without it:
+# the fold checkpoint's own defaults, as every row before 2026-12-04 was scored).
 # (extra args come last, so they override the fixed ones: e.g. --arch resnet18_gn_fpn, --batch-size 8)
 # Results: runs/cv/$RECIPE/$AREA/{model.pt,train.log,eval/scores.json}; summary: bench/train/cv_summary.py.
 set -euo pipefail
@@ -28,6 +30,6 @@ for hold in $FOLDS; do
       --keep last "${resume[@]}" "$@" >>"$out/train.log" 2>&1
     touch "$out/trained"
   fi
-  AREA=$hold OUT=$out/eval bench/train/eval_buildings.sh "$out/model.pt" >"$out/eval.log" 2>&1
+  CONFIG=${EVAL_CONFIG:-} AREA=$hold OUT=$out/eval bench/train/eval_buildings.sh "$out/model.pt" >"$out/eval.log" 2>&1
   echo "$hold: $(tail -3 "$out/eval.log" | tr '\n' ' ')"
 done
