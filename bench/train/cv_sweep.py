@@ -100,10 +100,9 @@ def main() -> None:
         for tta, t, mask, nms in itertools.product(args.tta, args.thresholds, args.mask_thresholds, args.nms_thresholds):
             opts: dict[str, float] = {"score_threshold": t, "tta": tta}
             tag, label = f"tta{tta}_score{t:g}", f"tta {tta}, score {t:g}"
-            if mask is not None:
-                opts["mask_threshold"], tag, label = mask, f"{tag}_mask{mask:g}", f"{label}, mask {mask:g}"
-            if nms is not None:
-                opts["nms_threshold"], tag, label = nms, f"{tag}_nms{nms:g}", f"{label}, nms {nms:g}"
+            for key, short, value in (("mask_threshold", "mask", mask), ("nms_threshold", "nms", nms)):
+                if value is not None:  # named only when swept, so earlier runs' folders and keys still match
+                    opts[key], tag, label = value, f"{tag}_{short}{value:g}", f"{label}, {short} {value:g}"
             pred = predict_fold(model, data, args.root / name / area / f"sweep_{args.config.stem}_{tag}", args.config, opts, members)
             for a in MIN_AREAS:
                 kept = pred[pred["area_m2"] >= a]
